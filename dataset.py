@@ -1,0 +1,151 @@
+"""Instruction data: loading, the Alpaca prompt, and the training collate function.
+
+    rows = load_data("data/msra/instruct_data/train.txt")
+    prompt = build_prompt(rows[0]["instruct"], rows[0]["query"])
+    batch = NerCollate(args, tokenizer).collate_fn(rows[:12])
+
+Training and every inference script build prompts with `build_prompt`, so the text a
+model is trained on is exactly the text it is asked at test time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NER_INSTRUCTION = (
+    "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，"
+    "如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。如果没有结果，回答'没有'。"
+)
+QUERY_PREFIX = "文本："
+NO_ENTITY = "没有"
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+
+IGNORE_INDEX = -100
+
+
+class DataError(SystemExit):
+    """Bad data file: one line naming file:line and the fix, exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"data error: {message}")
+        self.code = 2
+
+
+def build_prompt(instruct: str, query: str = "") -> str:
+    """The Alpaca prompt for one row: instruction, then the query on its own line."""
+    instruction = f"{instruct}\n{query}" if query else instruct
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def ner_row(text: str, answer: str | None = None) -> dict[str, str]:
+    """Wrap a plain sentence in the NER instruction, as process.py does."""
+    row = {"instruct": NER_INSTRUCTION, "query": QUERY_PREFIX + text}
+    if answer is not None:
+        row["answer"] = answer
+    return row
+
+
+def load_data(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Read JSON lines; a bad line or a row missing one of `columns` names file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run `python process.py` or pass the right *_path")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete the line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise DataError(
+                    f"{path}:{lineno}: missing column {missing[0]!r} (has {sorted(row)}); "
+                    f"fix the data or set {missing[0]!r}'s *_column option"
+                )
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows; the file is empty")
+    return rows
+
+
+def encode_example(tokenizer, prompt: str, answer: str, max_seq_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one row, at most max_seq_length long.
+
+    The prompt is tokenized whole (as at inference). When the row is too long the
+    prompt's tail (the query) is cut by characters and re-tokenized, so the answer and
+    `</s>` are always kept whole.
+    """
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    answer_ids = answer_ids[: max_seq_length - 1]  # only an absurdly long answer loses its end
+    budget = max_seq_length - len(answer_ids)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if len(prompt_ids) > budget:
+        prompt_ids = truncate_prompt(tokenizer, prompt, budget)
+    input_ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return input_ids, labels
+
+
+def truncate_prompt(tokenizer, prompt: str, budget: int) -> list[int]:
+    """Longest prompt whose query part fits `budget` tokens (binary search on characters)."""
+    head, sep, tail = prompt.rpartition("\n\n### Response: ")
+    lo, hi = 0, len(head)
+    while lo < hi:  # largest cut of `head` that fits
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.encode(head[:mid] + sep + tail, add_special_tokens=True)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    ids = tokenizer.encode(head[:lo] + sep + tail, add_special_tokens=True)
+    if len(ids) > budget:  # even the template alone is too long: keep BOS and the end
+        ids = ids[:1] + ids[len(ids) - budget + 1 :] if budget > 1 else ids[:budget]
+    return ids
+
+
+class NerCollate:
+    """Turns instruction rows into padded `input_ids`, `labels`, `attention_mask`."""
+
+    def __init__(self, args: Any, tokenizer: Any) -> None:
+        self.instruct_column = args.instruct_column
+        self.query_column = args.query_column
+        self.response_column = args.response_column
+        self.max_seq_length = args.max_seq_length
+        self.pad_to_multiple_of = getattr(args, "pad_to_multiple_of", 1) or 1
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+        prompt = build_prompt(row[self.instruct_column], row.get(self.query_column) or "")
+        return encode_example(self.tokenizer, prompt, row[self.response_column], self.max_seq_length)
+
+    def collate_fn(self, batch: list[dict[str, Any] | str]) -> dict[str, torch.Tensor]:
+        rows = [json.loads(r) if isinstance(r, str) else r for r in batch]
+        encoded = [self.encode(row) for row in rows]
+        longest = max(len(ids) for ids, _ in encoded)
+        multiple = self.pad_to_multiple_of
+        width = min(-(-longest // multiple) * multiple, self.max_seq_length)
+        input_ids, labels, attention_mask = [], [], []
+        for ids, labs in encoded:
+            pad = width - len(ids)
+            input_ids.append(ids + [self.pad_id] * pad)
+            labels.append(labs + [IGNORE_INDEX] * pad)
+            attention_mask.append([1] * len(ids) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+        }

@@ -1,0 +1,210 @@
+"""Tokenizer and model loading shared by every script.
+
+    tokenizer = load_tokenizer("model_hub/chinese-alpaca-7b")
+    model = load_model("model_hub/chinese-alpaca-7b", adapter_path="checkpoint/msra/train_trainer/adapter_model")
+
+The tokenizer runs sentencepiece itself: the Chinese LLaMA/Alpaca models were trained on
+sentencepiece's ids, and transformers 5's default (a `tokenizers` BPE rebuilt from the
+same file) splits some Chinese text differently (`了我们`). tests/test_tokenizer.py checks
+parity on MSRA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentencepiece import sentencepiece_model_pb2
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+from io_utils import atomic_write_bytes, atomic_write_text
+
+PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
+
+
+class ModelLoadError(SystemExit):
+    """A model or tokenizer directory that cannot be used: one line, exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+        self.code = 2
+
+
+class LlamaSentencePieceTokenizer(SentencePieceBackend):
+    """LLaMA tokenizer whose ids are exactly sentencepiece's, with BOS prepended."""
+
+    def __init__(self, vocab_file: str, **kwargs: Any) -> None:
+        kwargs.setdefault("bos_token", "<s>")
+        kwargs.setdefault("eos_token", "</s>")
+        kwargs.setdefault("unk_token", "<unk>")
+        kwargs.setdefault("special_tokens_pattern", "bos")
+        kwargs.setdefault("legacy", True)  # keep sentencepiece's dummy prefix, as in training
+        super().__init__(vocab_file=vocab_file, **kwargs)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.sp_model.decode_pieces(tokens)  # turns byte pieces (<0x0A>) back into text
+
+
+def build_chinese_sp_model(llama_model: str | Path, chinese_model: str | Path, add_pad: bool = False) -> bytes:
+    """The Chinese-LLaMA tokenizer.model: LLaMA's pieces, then every new Chinese piece (score 0).
+
+    With add_pad, `[PAD]` is appended too: that is Chinese-Alpaca's tokenizer.model.
+    """
+    llama = sentencepiece_model_pb2.ModelProto()
+    llama.ParseFromString(Path(llama_model).read_bytes())
+    chinese = sentencepiece_model_pb2.ModelProto()
+    chinese.ParseFromString(Path(chinese_model).read_bytes())
+    known = {p.piece for p in llama.pieces}
+    new_pieces = [p.piece for p in chinese.pieces if p.piece not in known]
+    if add_pad:
+        new_pieces.append(PAD_TOKEN)
+    for piece in dict.fromkeys(new_pieces):
+        entry = sentencepiece_model_pb2.ModelProto().SentencePiece()
+        entry.piece = piece
+        entry.score = 0
+        llama.pieces.append(entry)
+    return llama.SerializeToString()
+
+
+def _special(value: Any) -> str | None:
+    """special_tokens_map.json values are strings or {"content": ...} dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    """A small json file of the tokenizer's; {} when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix or delete it") from None
+
+
+def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
+    """Load `tokenizer.model` (+ the 2023-era json files, when present) from a directory.
+
+    eos is `</s>` (2), bos `<s>` (1); pad is `[PAD]` when the vocabulary has it (Chinese-Alpaca),
+    else `<unk>` (0), which is never a training target.
+    """
+    path = Path(path)
+    model_file = path if path.is_file() else path / "tokenizer.model"
+    folder = model_file.parent
+    if not model_file.is_file():
+        raise ModelLoadError(f"{model_file} not found: the tokenizer directory needs the sentencepiece tokenizer.model")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    added = _read_json(folder / "added_tokens.json")
+    tokenizer = LlamaSentencePieceTokenizer(str(model_file))
+    for token, token_id in sorted(added.items(), key=lambda item: item[1]):
+        existing = tokenizer.sp_model.piece_to_id(token)
+        if tokenizer.sp_model.id_to_piece(existing) == token:
+            continue  # already a piece (Chinese-Alpaca's tokenizer.model holds [PAD] itself)
+        if token_id != len(tokenizer):
+            raise ModelLoadError(
+                f"{folder / 'added_tokens.json'}: {token!r} has id {token_id} but would get {len(tokenizer)}; "
+                "the file does not belong to this tokenizer.model"
+            )
+        tokenizer.add_tokens([token], special_tokens=True)
+    pad = _special(special_map.get("pad_token"))
+    if pad is None and tokenizer.convert_tokens_to_ids(PAD_TOKEN) not in (None, tokenizer.unk_token_id):
+        pad = PAD_TOKEN
+    if pad is None:
+        pad = tokenizer.unk_token
+    tokenizer.pad_token = pad
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: LlamaSentencePieceTokenizer, out_dir: str | Path) -> None:
+    """Write tokenizer.model and the 2023-era json files that the published LoRAs ship."""
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "tokenizer.model", tokenizer.sp_model.serialized_model_proto())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if tokenizer.pad_token not in (None, tokenizer.unk_token):
+        special["pad_token"] = tokenizer.pad_token
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 1000000000000000019884624838656,
+        **special,
+    }
+    atomic_write_text(out_dir / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    sp_size = tokenizer.sp_model.get_piece_size()
+    extra = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.get_added_vocab()}
+    extra = {tok: i for tok, i in extra.items() if i >= sp_size}
+    if extra:
+        atomic_write_text(out_dir / "added_tokens.json", json.dumps(extra, indent=2) + "\n")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """'auto'/None: fp16 on CUDA, fp32 on CPU (fp16 matmuls are slow or missing there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    names = {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+    return names[dtype]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path}: no config.json; expected a Hugging Face model directory "
+            "(convert with convert_llama_weights_to_hf.py, then merge_llama_with_chinese_lora.py)"
+        )
+    return path
+
+
+def match_vocab(model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer) -> None:
+    """Grow the embeddings to the tokenizer (as the original scripts do); refuse to shrink them."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        print(f"resizing embeddings {rows} -> {len(tokenizer)} to match the tokenizer")
+        model.resize_token_embeddings(len(tokenizer))
+    elif len(tokenizer) < rows:
+        raise ModelLoadError(
+            f"tokenizer has {len(tokenizer)} tokens but the model {rows}: pass the tokenizer that came "
+            "with the model (--tokenizer_path), e.g. Chinese-Alpaca's 49954-token one"
+        )
+
+
+def load_model(
+    path: str | Path,
+    adapter_path: str | Path | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+    tokenizer: LlamaSentencePieceTokenizer | None = None,
+) -> torch.nn.Module:
+    """A causal LM (optionally with a LoRA adapter) in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=resolve_dtype(dtype, device))
+    if tokenizer is not None:
+        match_vocab(model, tokenizer)
+    if adapter_path:
+        from peft import PeftModel
+
+        if not (Path(adapter_path) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{adapter_path}: no adapter_config.json; pass the adapter_model directory")
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    return model.to(device).eval()
