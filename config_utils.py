@@ -16,22 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from io_utils import atomic_write_text
+from io_utils import UserError, atomic_write_text
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
 
 
-class ConfigError(SystemExit):
-    """A bad override or config file: one line for the user, exit code 2."""
+class ConfigError(UserError):
+    """A bad override or config file."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"config error: {message}")
-        self.message = message
-        self.code = 2
-
-    def __str__(self) -> str:
-        return f"config error: {self.message}"
+    prefix = "config error"
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

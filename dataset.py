@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from io_utils import UserError
+
 NER_INSTRUCTION = (
     "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，"
     "如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。如果没有结果，回答'没有'。"
@@ -32,12 +34,10 @@ PROMPT_TEMPLATE = (
 IGNORE_INDEX = -100
 
 
-class DataError(SystemExit):
-    """Bad data file: one line naming file:line and the fix, exit code 2."""
+class DataError(UserError):
+    """Bad data file: the message names file:line and the fix."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"data error: {message}")
-        self.code = 2
+    prefix = "data error"
 
 
 def build_prompt(instruct: str, query: str = "") -> str:

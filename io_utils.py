@@ -10,8 +10,35 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+class UserError(SystemExit):
+    """A problem the user can fix (bad option, file, data): one line, exit code 2, no traceback.
+
+    Raise it (or a subclass) anywhere; `run_cli` prints it. It is a SystemExit, so even an
+    uncaught one exits non-zero instead of printing a traceback.
+    """
+
+    prefix = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.prefix}: {self.message}"
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

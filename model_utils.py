@@ -19,17 +19,13 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from io_utils import atomic_write_bytes, atomic_write_text
+from io_utils import UserError, atomic_write_bytes, atomic_write_text
 
 PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
 
 
-class ModelLoadError(SystemExit):
-    """A model or tokenizer directory that cannot be used: one line, exit code 2."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
-        self.code = 2
+class ModelLoadError(UserError):
+    """A model or tokenizer directory that cannot be used."""
 
 
 class LlamaSentencePieceTokenizer(SentencePieceBackend):

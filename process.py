@@ -1,0 +1,162 @@
+"""MSRA NER -> instruction JSON lines ({"instruct", "query", "answer"}).
+
+    python process.py                     # data/msra/ori_data/ -> data/msra/instruct_data/{train,dev}.txt
+    python process.py --in_file=data/msra/ori_data/msra_test_bio.txt --out_file=dev.txt --mode=dev
+
+The input format is detected: JSON lines with `text` and `entity_list` (begin/end character
+offsets), or character-level BIO (`char<TAB>TAG`, a blank line between sentences). The
+answer lists the distinct `实体_类型` pairs in order of first appearance, joined by `\\n`,
+or `没有`. Mode `train` keeps every non-empty sentence; `dev` only those with entities.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from config_utils import ConfigParser
+from dataset import NO_ENTITY, DataError, ner_row
+from io_utils import atomic_path, run_cli
+
+TYPE_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名", "NR": "人名", "NS": "地名", "NT": "机构名"}
+
+# (in_file, out_file, mode) that a bare `python process.py` processes
+DEFAULT_JOBS = [
+    ("data/msra/ori_data/msra_1000.txt", "data/msra/instruct_data/train.txt", "train"),
+    ("data/msra/ori_data/msra_test_bio.txt", "data/msra/instruct_data/dev.txt", "dev"),
+]
+
+config = {
+    "in_file": "",  # MSRA file (JSON lines or BIO); empty: process the repo's defaults
+    "out_file": "",  # where the instruction JSON lines go (written atomically)
+    "mode": "train",  # train: keep every sentence; dev: keep only sentences with entities
+}
+
+Sentence = tuple[str, list[tuple[str, str]]]  # text, [(entity, TYPE), ...] in order
+
+
+def type_name(tag: str, where: str) -> str:
+    if tag not in TYPE_NAMES:
+        raise DataError(f"{where}: unknown entity type {tag!r}; expected one of PER, LOC, ORG")
+    return TYPE_NAMES[tag]
+
+
+def read_json_lines(path: Path) -> Iterator[Sentence]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+                text, entity_list = row["text"], row["entity_list"]
+                spans = sorted((e["entity_index"]["begin"], e["entity_index"]["end"], e) for e in entity_list)
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(
+                    f"{where}: expected {{'text': ..., 'entity_list': [{{'entity_index': {{'begin', 'end'}}, "
+                    f"'entity_type', 'entity'}}]}} ({type(err).__name__}: {err})"
+                ) from None
+            entities = []
+            for begin, end, entity in spans:
+                if text[begin:end] != entity["entity"]:
+                    raise DataError(
+                        f"{where}: entity {entity['entity']!r} is not text[{begin}:{end}] = {text[begin:end]!r}"
+                    )
+                entities.append((entity["entity"], type_name(entity["entity_type"], where)))
+            yield text, entities
+
+
+def read_bio(path: Path) -> Iterator[Sentence]:
+    chars: list[str] = []
+    entities: list[tuple[str, str]] = []
+    current: list[str] = []  # [entity text, type] being extended
+
+    def close() -> None:
+        if current:
+            entities.append((current[0], current[1]))
+            current.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                close()
+                if chars:
+                    yield "".join(chars), entities
+                chars, entities = [], []
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or len(parts[0]) != 1:
+                raise DataError(f"{path}:{lineno}: expected 'char<TAB>TAG', got {line!r}")
+            char, tag = parts
+            where = f"{path}:{lineno}"
+            if tag == "O":
+                close()
+            elif tag[:2] == "B-" or (tag[:2] == "I-" and (not current or current[1] != type_name(tag[2:], where))):
+                close()  # an I- that does not continue its entity starts a new one
+                current.extend([char, type_name(tag[2:], where)])
+            elif tag[:2] == "I-":
+                current[0] += char
+            else:
+                raise DataError(f"{where}: unknown tag {tag!r}; expected O, B-TYPE or I-TYPE")
+            chars.append(char)
+    close()
+    if chars:
+        yield "".join(chars), entities
+
+
+def read_sentences(path: str | Path) -> Iterator[Sentence]:
+    """Sentences from either MSRA format, detected from the first non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; pass --in_file=<MSRA file>")
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    if not first:
+        raise DataError(f"{path}: file is empty")
+    return read_json_lines(path) if first.lstrip().startswith("{") else read_bio(path)
+
+
+def make_answer(entities: list[tuple[str, str]]) -> str:
+    pairs = dict.fromkeys(f"{entity}_{kind}" for entity, kind in entities)
+    return "\n".join(pairs) if pairs else NO_ENTITY
+
+
+def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
+    """Write the instruction rows; returns counts (rows, entity mentions per type)."""
+    if mode not in ("train", "dev"):
+        raise DataError(f"mode={mode!r}: use mode=train or mode=dev")
+    if Path(in_file).resolve() == Path(out_file).resolve():
+        raise DataError(f"out_file {out_file} is the input file; choose another out_file")
+    counts: Counter = Counter()
+    with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for text, entities in read_sentences(in_file):
+            counts["sentences"] += 1
+            if mode == "dev" and not entities:
+                continue
+            row = ner_row(text, make_answer(entities))
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts["rows"] += 1
+            counts["answer lines"] += len(row["answer"].split("\n")) if entities else 0
+            counts.update(kind for _, kind in entities)
+    return counts
+
+
+def main() -> None:
+    args = ConfigParser(config, __doc__).parse_main()
+    if bool(args.in_file) != bool(args.out_file):
+        raise DataError("pass both --in_file and --out_file, or neither to process the repo's defaults")
+    jobs = [(args.in_file, args.out_file, args.mode)] if args.in_file else DEFAULT_JOBS
+    for in_file, out_file, mode in jobs:
+        counts = convert(in_file, out_file, mode)
+        per_type = ", ".join(f"{name} {counts[name]}" for name in ("人名", "地名", "机构名"))
+        print(
+            f"{in_file} -> {out_file} ({mode}): {counts['rows']} rows of {counts['sentences']} sentences, "
+            f"{counts['answer lines']} answer lines; mentions: {per_type}"
+        )
+
+
+if __name__ == "__main__":
+    run_cli(main)
