@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, import_script
 
+from conftest import ROOT, import_script
 from dataset import NER_INSTRUCTION, DataError
 
 process = import_script("process")
