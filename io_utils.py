@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,3 +91,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, int]:
+    """Run a command; return (exit code, seconds, peak RSS in bytes of its whole process tree).
+
+    The tree is sampled every 50 ms, so launchers that fork workers (deepspeed, mpirun) are
+    counted as the sum of their processes.
+    """
+    import time
+
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, **popen_kwargs)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    return proc.returncode, time.perf_counter() - start, peak
