@@ -99,3 +99,123 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _randn(gen: torch.Generator, *shape: int, std: float = 0.02) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * std).half()
+
+
+def make_tiny_original(
+    out_dir: str | Path,
+    n_shards: int = 1,
+    dim: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    multiple_of: int = 32,
+    model_size: str = "7B",
+    seed: int = 0,
+) -> Path:
+    """A random fp16 LLaMA in Meta's original layout: out_dir/tokenizer.model (the real LLaMA one)
+    and out_dir/<model_size>/consolidated.NN.pth (n_shards, split as Meta splits) + params.json."""
+    import json
+
+    from llama_layout import llama_intermediate_size, meta_shard_dim
+
+    out_dir = Path(out_dir)
+    weights = out_dir / model_size
+    weights.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(LLAMA_SP.read_bytes())
+    vocab = len(load_tokenizer(out_dir))
+    gen = torch.Generator().manual_seed(seed)
+    inter = llama_intermediate_size(dim, multiple_of)
+    kv_dim = dim // n_heads * (n_kv_heads or n_heads)
+    full = {"tok_embeddings.weight": _randn(gen, vocab, dim)}
+    for i in range(n_layers):
+        shapes = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
+        shapes |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
+        shapes |= {"feed_forward.w3": (inter, dim)}
+        for name, shape in shapes.items():
+            full[f"layers.{i}.{name}.weight"] = _randn(gen, *shape)
+        full[f"layers.{i}.attention_norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
+        full[f"layers.{i}.ffn_norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
+    full["norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
+    full["output.weight"] = _randn(gen, vocab, dim)
+    shards = [{} for _ in range(n_shards)]
+    for name, tensor in full.items():
+        split_dim = meta_shard_dim(name)
+        pieces = [tensor] * n_shards if split_dim is None else tensor.chunk(n_shards, dim=split_dim)
+        for shard, piece in zip(shards, pieces, strict=True):
+            shard[name] = piece.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, weights / f"consolidated.{i:02d}.pth")
+    params = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers, "norm_eps": 1e-06}
+    if n_kv_heads:
+        params["n_kv_heads"] = n_kv_heads
+    (weights / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
+    return out_dir
+
+
+LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+
+
+def _adapter_config_2023(base: str, r: int, lora_alpha: float) -> dict:
+    """adapter_config.json as peft 0.3.0.dev0 wrote it for the published Chinese LoRAs."""
+    return {
+        "base_model_name_or_path": base,
+        "bias": "none",
+        "enable_lora": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": 0.05,
+        "merge_weights": False,
+        "modules_to_save": ["embed_tokens", "lm_head"],
+        "peft_type": "LORA",
+        "r": r,
+        "target_modules": LORA_TARGETS,
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def _write_lora_2023(out_dir: Path, config: dict, vocab: str, r: int, lora_alpha: float, gen) -> Path:
+    import json
+
+    tokenizer = load_tokenizer(write_tokenizer(out_dir, vocab))
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_dim = hidden // heads * (config.get("num_key_value_heads") or heads)
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv_dim, hidden), "v_proj": (kv_dim, hidden)}
+    shapes |= {"o_proj": (hidden, hidden), "gate_proj": (inter, hidden), "up_proj": (inter, hidden)}
+    shapes |= {"down_proj": (hidden, inter)}
+    state = {}
+    for i in range(config["num_hidden_layers"]):
+        for proj in LORA_TARGETS:
+            rows, cols = shapes[proj]
+            block = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            prefix = f"base_model.model.model.layers.{i}.{block}.{proj}"
+            state[f"{prefix}.lora_A.weight"] = _randn(gen, r, cols, std=cols**-0.5)
+            state[f"{prefix}.lora_B.weight"] = _randn(gen, rows, r, std=0.02)
+    state["base_model.model.model.embed_tokens.weight"] = _randn(gen, len(tokenizer), hidden)
+    state["base_model.model.lm_head.weight"] = _randn(gen, len(tokenizer), hidden)
+    torch.save(state, out_dir / "adapter_model.bin")
+    adapter_config = _adapter_config_2023("decapoda-research/llama-7b-hf", r, lora_alpha)
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out_dir
+
+
+def make_tiny_chinese_loras(
+    base_hf_dir: str | Path, out_dir: str | Path, r_llama: int = 8, r_alpaca: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """Two LoRAs for the HF model in base_hf_dir, laid out like the published ones:
+    chinese-llama-plus-lora-7b (49953 tokens, r=8, alpha 32) and chinese-alpaca-plus-lora-7b
+    (49954 with [PAD], r=64, alpha 128): 2023 adapter_config.json, adapter_model.bin with 2023 key
+    names and full embed_tokens/lm_head, tokenizer.model + special_tokens_map/tokenizer_config."""
+    import json
+
+    config = json.loads((Path(base_hf_dir) / "config.json").read_text())
+    gen = torch.Generator().manual_seed(seed)
+    out_dir = Path(out_dir)
+    llama = _write_lora_2023(out_dir / "chinese-llama-plus-lora-7b", config, "chinese", r_llama, 32.0, gen)
+    alpaca = _write_lora_2023(out_dir / "chinese-alpaca-plus-lora-7b", config, "alpaca", r_alpaca, 128.0, gen)
+    return llama, alpaca

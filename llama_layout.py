@@ -1,0 +1,285 @@
+"""LLaMA checkpoint layouts: Meta's original, Hugging Face's, GGUF's; LoRA merge arithmetic.
+
+Pure functions shared by convert_llama_weights_to_hf.py, merge_llama_with_chinese_lora.py
+and the GGUF export. Names follow a key-map table with `{}` for the layer number.
+
+    from llama_layout import hf_to_meta_name, unpermute, merge_lora_weight
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+# Hugging Face name -> Meta (consolidated.*.pth) name. `{}` is the layer number.
+HF_TO_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+META_TO_HF = {meta: hf for hf, meta in HF_TO_META.items()}
+
+# Along which dim Meta splits a tensor over model-parallel shards (None: replicated).
+META_SHARD_DIM = {
+    "tok_embeddings": 1,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+}
+
+# Meta model-parallel shard count by hidden size (7B, 13B, 33B, 65B); others: 1.
+META_SHARDS_BY_DIM = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+
+# HF keys that carry no weights (old transformers saved the rotary buffer).
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_LAYER = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    match = _LAYER.search(name)
+    if match is None:
+        return name, None
+    return name[: match.start()] + "{}" + name[match.end() :], match.group(1)
+
+
+def _map(name: str, table: dict[str, str]) -> str:
+    template, layer = _template(name)
+    if template not in table:
+        raise KeyError(name)
+    return table[template] if layer is None else table[template].format(layer)
+
+
+def hf_to_meta_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; KeyError if unknown."""
+    return _map(name, HF_TO_META)
+
+
+def meta_to_hf_name(name: str) -> str:
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`; KeyError if unknown."""
+    return _map(name, META_TO_HF)
+
+
+def hf_sort_key(name: str) -> tuple:
+    """Canonical order: embeddings, then layer by layer in table order, final norm, lm_head."""
+    template, layer = _template(name)
+    order = list(HF_TO_META)
+    head = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
+    if layer is None:
+        return (head.get(template, 4), 0, 0, name)
+    return (1, int(layer), order.index(template) if template in order else len(order), name)
+
+
+def meta_shard_dim(meta_name: str) -> int | None:
+    """The dim Meta splits `meta_name` along across model-parallel shards; None if replicated."""
+    return META_SHARD_DIM.get(meta_name.split(".")[-2])
+
+
+def split_sizes(total: int, n_shards: int) -> list[int]:
+    """Even split; any remainder goes to the last shard (as the 2023 merge script did for 13B output)."""
+    sizes = [total // n_shards] * n_shards
+    sizes[-1] += total % n_shards
+    return sizes
+
+
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta wq/wk (interleaved rotary pairs) -> Hugging Face layout (rotate_half halves)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face q_proj/k_proj -> Meta's (and GGUF's) layout; the inverse of `permute`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rotary_heads(hf_name: str, config: dict) -> int | None:
+    """Heads to (un)permute a q_proj/k_proj by; None for every other tensor."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return config["num_attention_heads"]
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return config.get("num_key_value_heads") or config["num_attention_heads"]
+    return None
+
+
+def llama_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's FeedForward hidden size: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def params_to_config(params: dict, vocab_size: int, max_position_embeddings: int = 2048) -> dict:
+    """Meta params.json -> LlamaConfig keyword arguments."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": dim,
+        "intermediate_size": llama_intermediate_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier")),
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": params.get("n_kv_heads") or n_heads,
+        "rms_norm_eps": params["norm_eps"],
+        "max_position_embeddings": max_position_embeddings,
+        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "dtype": "float16",
+    }
+    return config
+
+
+def config_to_params(config: dict) -> dict:
+    """HF config -> Meta params.json, choosing multiple_of (or ffn_dim_multiplier) that gives back
+    the config's intermediate_size."""
+    dim, inter = config["hidden_size"], config["intermediate_size"]
+    params = {
+        "dim": dim,
+        "multiple_of": 256,
+        "n_heads": config["num_attention_heads"],
+        "n_layers": config["num_hidden_layers"],
+        "norm_eps": config["rms_norm_eps"],
+        "vocab_size": -1,
+    }
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if kv != params["n_heads"]:
+        params["n_kv_heads"] = kv
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if float(theta) != 10000.0:
+        params["rope_theta"] = float(theta)
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if llama_intermediate_size(dim, multiple_of) == inter:
+            params["multiple_of"] = multiple_of
+            return params
+    base = int(2 * (4 * dim) / 3)
+    for nudge in (0.0, 1e-9, 1e-7, 1e-5):
+        multiplier = inter / base + nudge
+        if llama_intermediate_size(dim, 1, multiplier) == inter:
+            params["multiple_of"], params["ffn_dim_multiplier"] = 1, multiplier
+            return params
+    raise ValueError(f"intermediate_size {inter} cannot be expressed in params.json for dim {dim}")
+
+
+def merge_lora_weight(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """W + scale * B @ A computed in fp32 (returned in fp32; cast once at the end)."""
+    a, b = a.float(), b.float()
+    if fan_in_fan_out:  # weight stored (in, out): delta is (B @ A).T
+        return torch.addmm(w.float(), a.T, b.T, alpha=scale)
+    return torch.addmm(w.float(), b, a, alpha=scale)
+
+
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_UNSUPPORTED = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_E", "hada_", "ia3_l")
+
+
+def parse_adapter_key(key: str) -> tuple[str, str]:
+    """Adapter state-dict key -> (HF base weight name, kind), kind in {"lora_A", "lora_B", "full"}.
+
+    Accepts the 2023 names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`,
+    `base_model.model.lm_head.weight`) and today's (adapter name `default` inside, modules_to_save).
+    ValueError for LoRA variants this merge does not implement.
+    """
+    name = key.removeprefix("base_model.model.")
+    if any(tag in name for tag in _UNSUPPORTED):
+        raise ValueError(f"{key}: unsupported adapter weight (only plain LoRA on linear layers can be merged)")
+    match = _ADAPTER_KEY.match(name)
+    if match:
+        return match["module"] + ".weight", match["kind"]
+    name = re.sub(r"\.modules_to_save\.[A-Za-z0-9_-]+\.", ".", name)
+    return name, "full"
+
+
+# Published sha256 of the real files (Chinese-LLaMA-Alpaca SHA256.md; /work/shared/data/README.md).
+PUBLISHED_SHA256 = {
+    "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347": "LLaMA tokenizer.model",
+    "700df0d3013b703a806d2ae7f1bfb8e59814e3d06ae78be0c66368a50059f33d": "LLaMA-7B consolidated.00.pth",
+    "745bf4e29a4dd6f411e72976d92b452da1b49168a4f41c951cfcc8051823cf08": "LLaMA-13B consolidated.00.pth",
+    "d5ccbcc465c71c0de439a5aeffebe8344c68a519bce70bc7f9f92654ee567085": "LLaMA-13B consolidated.01.pth",
+    "e2676d4ca29ca1750f6ff203328d73b189321dc5776ceede037cbd36541d70c0": "Chinese-LLaMA tokenizer.model",
+    "2d967e855b1213a439df6c8ce2791f869c84b4f3b6cfacf22b86440b8192a2f8": "Chinese-Alpaca tokenizer.model",
+    "8c928db86b2a0cf73f019832f921eb7e1e069ca21441b4bfa12c4381c6cc46be": "Chinese-LLaMA-Plus-7B adapter_model.bin",
+    "4ee0bf805c312a9a771624d481fbdb4485e1b0a70cd2a8da9f96137f177b795d": "Chinese-Alpaca-Plus-7B adapter_model.bin",
+    "2a2c24d096f5d509f24946fdbd8c25e1ce4a0acb955902f7436d74c0c0379d86": "Chinese-LLaMA-7B adapter_model.bin",
+    "0d9b6ed8e4a7d1ae590a16c89a452a488d66ff07e45487972f61c2b6e46e36de": "Chinese-Alpaca-7B adapter_model.bin",
+    "784fcff9c4bdf4e77d442a01158e121caf8fcce0f97ffb32396fe7a3617ee7e8": "Chinese-LLaMA-Plus-13B adapter_model.bin",
+    "a1fcdcb6d7e1068f925fb36ec78632c76058ba12ba352bed4d44060b8e6f4706": "Chinese-Alpaca-Plus-13B adapter_model.bin",
+}
+TOKENIZER_CLAIMS = {32000: "LLaMA", 49953: "Chinese-LLaMA", 49954: "Chinese-Alpaca"}  # pieces -> published name
+MODEL_SIZE_BY_DIM = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "65B"}
+
+
+def checksum_verdict(path: str, sha256: str, claim: str | None) -> tuple[str, str]:
+    """("ok" | "mismatch" | "unknown", message) for a file's sha256 against PUBLISHED_SHA256.
+
+    `claim` names the published file this one looks like (e.g. "Chinese-LLaMA tokenizer.model"),
+    or None when it looks like nothing published (a tiny test model, a user's own adapter).
+    """
+    known = PUBLISHED_SHA256.get(sha256)
+    if known is not None:
+        return "ok", f"sha256 ok   {path}: {known}"
+    if claim is not None:
+        return "mismatch", (
+            f"WARNING: {path} looks like the published {claim} but its sha256 {sha256} matches no published "
+            "file: a corrupted or partial download? Re-download it and compare with Chinese-LLaMA-Alpaca's SHA256.md"
+        )
+    return "unknown", f"sha256      {path}: {sha256} (not a published file)"
+
+
+def report_checksums(files: list[tuple[Path, str | None]], strict: bool = False) -> None:
+    """Print each input file's sha256 verdict; a mismatch warns (or, with strict, exits)."""
+    from io_utils import sha256_file
+    from model_utils import ModelLoadError
+
+    mismatches = []
+    for path, claim in files:
+        verdict, message = checksum_verdict(str(path), sha256_file(path), claim)
+        print(message, flush=True)
+        if verdict == "mismatch":
+            mismatches.append(str(path))
+    if mismatches and strict:
+        raise ModelLoadError(f"--strict: {', '.join(mismatches)} match no published sha256; re-download them")
+
+
+def tokenizer_claim(pieces: int) -> str | None:
+    """Which published tokenizer.model a file with this many pieces claims to be."""
+    name = TOKENIZER_CLAIMS.get(pieces)
+    return f"{name} tokenizer.model" if name else None
+
+
+def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that is, contains or lies inside an input, or that would replace other files."""
+    from model_utils import ModelLoadError
+
+    out = output_dir.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ModelLoadError(
+                f"--output_dir {output_dir} overlaps the input {path}: choose a new directory outside the inputs"
+            )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ModelLoadError(f"--output_dir {output_dir} exists and is not empty: choose a new one or pass --overwrite")

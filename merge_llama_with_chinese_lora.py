@@ -1,0 +1,381 @@
+"""Merge Chinese-LLaMA/Alpaca LoRA(s) into a Hugging Face LLaMA: extend the vocabulary, add B@A, write.
+
+    python merge_llama_with_chinese_lora.py --base_model model_hub/7B-hf \
+        --lora_model model_hub/chinese-llama-plus-lora-7b,model_hub/chinese-alpaca-plus-lora-7b \
+        --output_type huggingface --output_dir model_hub/chinese-alpaca-7b
+    python merge_llama_with_chinese_lora.py --base_model model_hub/7B-hf --lora_model model_hub/chinese-alpaca-lora-7b \
+        --output_type pth --output_dir model_hub/chinese-alpaca-7b-pth
+
+Streams tensor by tensor: each output tensor is read from the base (or the last LoRA that saved
+a full copy of it, i.e. embed_tokens/lm_head), gets `lora_alpha / r * B @ A` of every LoRA in
+order added in fp32, is cast to fp16 once and written. Memory stays near one tensor whatever
+the depth; no peft or transformers model is built. Output appears only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from io_utils import atomic_dir, atomic_write_text
+from llama_layout import (
+    IGNORED_HF_SUFFIXES,
+    META_SHARDS_BY_DIM,
+    MODEL_SIZE_BY_DIM,
+    check_output_dir,
+    config_to_params,
+    hf_sort_key,
+    hf_to_meta_name,
+    merge_lora_weight,
+    meta_shard_dim,
+    parse_adapter_key,
+    report_checksums,
+    rotary_heads,
+    split_sizes,
+    tokenizer_claim,
+    unpermute,
+)
+from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
+from tensor_io import (
+    SafetensorsShards,
+    TensorFileError,
+    TensorInfo,
+    TensorSource,
+    TorchZipWriter,
+    parse_size,
+    peak_rss_mb,
+    plan_shards,
+)
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_model", required=True, help="Hugging Face LLaMA directory")
+    parser.add_argument("--lora_model", required=True, help="LoRA folder(s), comma-separated, in order")
+    parser.add_argument("--output_type", default="pth", choices=["pth", "huggingface"], help="Meta .pth or HF")
+    parser.add_argument("--output_dir", required=True, help="new directory for the merged model")
+    parser.add_argument("--offload_dir", default=None, help="accepted for compatibility; not needed (streaming)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (huggingface output)")
+    parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
+    return parser.parse_args(argv)
+
+
+def base_weight_files(base_dir: Path) -> list[Path]:
+    """The base model's weight files: safetensors preferred, else pytorch_model*.bin; sharded or not."""
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
+        index = base_dir / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (base_dir / n).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
+            return [base_dir / n for n in names]
+        files = sorted(base_dir.glob(pattern))
+        if files:
+            return files
+    raise ModelLoadError(f"{base_dir}: no model*.safetensors or pytorch_model*.bin; pass a Hugging Face model dir")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def open_source(files: list[Path]) -> TensorSource:
+    try:
+        return TensorSource(files, IGNORED_HF_SUFFIXES)
+    except TensorFileError as err:
+        raise ModelLoadError(str(err)) from None
+
+
+@dataclass
+class Lora:
+    """One LoRA folder, read lazily: which base weights it replaces (full copies) and which it adds B@A to."""
+
+    path: Path
+    adapter_file: Path
+    tokenizer: object
+    scale: float
+    fan_in_fan_out: bool
+    source: TensorSource
+    full: dict[str, str] = field(default_factory=dict)  # base weight name -> adapter key
+    pairs: dict[str, tuple[str, str]] = field(default_factory=dict)  # base weight name -> (A key, B key)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tokenizer)
+
+    def rows(self, name: str) -> int | None:
+        return self.source.info(self.full[name]).shape[0] if name in self.full else None
+
+
+def lora_scale(config: dict, where: Path) -> tuple[float, bool]:
+    """(scale, fan_in_fan_out) from adapter_config.json; refuses LoRA variants a plain merge would get wrong."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ModelLoadError(f"{where}: peft_type {config.get('peft_type')} is not LORA; only LoRA adapters merge here")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ModelLoadError(f"{where}: {key} is set; only plain LoRA merges here (merge with peft instead)")
+    if "r" not in config or "lora_alpha" not in config:
+        raise ModelLoadError(f"{where}: needs r and lora_alpha; use the adapter_config.json saved with the adapter")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return scale, bool(config.get("fan_in_fan_out", False))
+
+
+def load_lora(path: Path) -> Lora:
+    if not path.is_dir():
+        raise ModelLoadError(f"--lora_model {path} is not a directory; pass the LoRA folder(s), comma-separated")
+    scale, fan_in_fan_out = lora_scale(read_json(path / "adapter_config.json", "the LoRA folder needs it"), path)
+    adapter = next((path / n for n in ADAPTER_FILES if (path / n).is_file()), None)
+    if adapter is None:
+        raise ModelLoadError(f"{path}: no adapter_model.bin or adapter_model.safetensors; finish the download")
+    if not (path / "tokenizer.model").is_file():
+        raise ModelLoadError(
+            f"{path / 'tokenizer.model'} not found: each LoRA folder needs the tokenizer it was trained with "
+            "(copy the base model's if the LoRA kept its vocabulary)"
+        )
+    lora = Lora(path, adapter, load_tokenizer(path), scale, fan_in_fan_out, open_source([adapter]))
+    pending: dict[str, dict[str, str]] = {}
+    for key in lora.source.keys():
+        try:
+            name, kind = parse_adapter_key(key)
+        except ValueError as err:
+            raise ModelLoadError(f"{adapter}: {err}") from None
+        if kind == "full":
+            lora.full[name] = key
+        else:
+            pending.setdefault(name, {})[kind] = key
+    for name, keys in pending.items():
+        if set(keys) != {"lora_A", "lora_B"}:
+            raise ModelLoadError(f"{adapter}: {name} has {sorted(keys)} but needs lora_A and lora_B; a damaged file?")
+        lora.pairs[name] = (keys["lora_A"], keys["lora_B"])
+    return lora
+
+
+def check_vocab(base_rows: int, loras: list[Lora]) -> int:
+    """The final vocabulary size; refuses shrinking (wrong order) and adapters paired with another tokenizer."""
+    vocab = base_rows
+    for lora in loras:
+        for name in (EMBED, LM_HEAD):
+            rows = lora.rows(name)
+            if rows is not None and rows != lora.tokens:
+                raise ModelLoadError(
+                    f"{lora.path}: the adapter's {name} has {rows} rows but the tokenizer.model there has "
+                    f"{lora.tokens} tokens: the folder holds another model's tokenizer; "
+                    "put back the one published with this LoRA"
+                )
+        if lora.tokens < vocab:
+            raise ModelLoadError(
+                f"{lora.path}: its tokenizer has {lora.tokens} tokens, fewer than the {vocab} before it: the LoRAs are "
+                "in the wrong order; list Chinese-LLaMA-Plus before Chinese-Alpaca-Plus in --lora_model"
+            )
+        if lora.tokens > vocab and (lora.rows(EMBED) is None or lora.rows(LM_HEAD) is None):
+            raise ModelLoadError(
+                f"{lora.path}: its tokenizer grows the vocabulary to {lora.tokens} but the adapter saved no "
+                "embed_tokens/lm_head for the new tokens; use the tokenizer that was trained with this LoRA"
+            )
+        vocab = lora.tokens
+    return vocab
+
+
+@dataclass
+class Step:
+    """How one output tensor is made: read `start` from `source`, then add each (lora, A key, B key)."""
+
+    name: str
+    info: TensorInfo
+    source: TensorSource
+    start: str
+    deltas: list[tuple[Lora, str, str]]
+    origin: str = "base"
+
+    def describe(self) -> str:
+        adds = " ".join(f"+ B@A of {lora.path.name} (scale {lora.scale:g})" for lora, _, _ in self.deltas)
+        return f"{self.name}: {self.origin} {adds}".rstrip()
+
+
+def plan(base: TensorSource, loras: list[Lora]) -> list[Step]:
+    """One Step per output tensor, every shape checked before anything is written."""
+    for lora in loras:
+        for name in list(lora.full) + list(lora.pairs):
+            if name not in base:
+                raise ModelLoadError(f"{lora.adapter_file}: targets {name}, which the base model lacks; wrong base?")
+    steps = []
+    for name in sorted(base.keys(), key=hf_sort_key):
+        source, start, deltas, origin = base, name, [], "base"
+        for lora in loras:
+            if name in lora.full:
+                source, start, deltas, origin = lora.source, lora.full[name], [], f"copy from {lora.adapter_file}"
+            if name in lora.pairs:
+                deltas.append((lora, *lora.pairs[name]))
+        shape = source.info(start).shape
+        base_shape = base.info(name).shape
+        if name not in (EMBED, LM_HEAD) and shape != base_shape:
+            raise ModelLoadError(f"{origin}: {name} has shape {shape}, the base {base_shape}; a LoRA for another size?")
+        for lora, a_key, b_key in deltas:
+            (r, cols), (rows, r2) = lora.source.info(a_key).shape, lora.source.info(b_key).shape
+            fits = (cols, rows) if lora.fan_in_fan_out else (rows, cols)
+            if r != r2 or fits != tuple(shape):
+                raise ModelLoadError(
+                    f"{lora.adapter_file}: {a_key} {(r, cols)} / B {(rows, r2)} do not fit {name} {tuple(shape)}; "
+                    "this LoRA was trained on another model size"
+                )
+        steps.append(Step(name, TensorInfo(torch.float16, tuple(shape)), source, start, deltas, origin))
+    return steps
+
+
+def check_changes_something(lora: Lora) -> None:
+    """A LoRA with no saved weights and every B zero (an untrained adapter) would change nothing."""
+    if lora.full:
+        return
+    for _, b_key in lora.pairs.values():
+        if lora.source.read(b_key).any():
+            return
+    raise ModelLoadError(
+        f"{lora.adapter_file}: this LoRA changes nothing (every lora_B is zero, no saved weights): "
+        "an untrained adapter? pass the trained one"
+    )
+
+
+def merged_tensor(step: Step) -> torch.Tensor:
+    """The step's output in fp16: deltas summed in fp32, cast once."""
+    weight = step.source.read(step.start)
+    if not step.deltas:
+        return weight.to(torch.float16)
+    weight = weight.float()
+    for lora, a_key, b_key in step.deltas:
+        a, b = lora.source.read(a_key), lora.source.read(b_key)
+        weight = merge_lora_weight(weight, a, b, lora.scale, lora.fan_in_fan_out)
+    return weight.to(torch.float16)
+
+
+def output_config(base_config: dict, vocab: int) -> dict:
+    config = dict(base_config, vocab_size=vocab, dtype="float16")
+    if "torch_dtype" in config:
+        config["torch_dtype"] = "float16"
+    return config
+
+
+def write_huggingface(out: Path, steps: list[Step], config: dict, max_shard_size: str, progress) -> None:
+    entries = [(s.name, s.info) for s in steps]
+    with SafetensorsShards(out, plan_shards(entries, parse_size(max_shard_size))) as writer:
+        for step in progress(steps):
+            writer.write(step.name, merged_tensor(step))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def meta_pieces(name: str, tensor: torch.Tensor, config: dict, n_shards: int) -> tuple[str, list[torch.Tensor]]:
+    """An HF tensor as Meta's name and its per-shard pieces (q/k back in Meta's rotary layout)."""
+    heads = rotary_heads(name, config)
+    if heads is not None:
+        tensor = unpermute(tensor, heads)
+    meta = hf_to_meta_name(name)
+    split = meta_shard_dim(meta)
+    if split is None or n_shards == 1:
+        return meta, [tensor] * n_shards
+    return meta, list(tensor.split(split_sizes(tensor.shape[split], n_shards), dim=split))
+
+
+def write_pth(out: Path, steps: list[Step], config: dict, progress) -> None:
+    n_shards = META_SHARDS_BY_DIM.get(config["hidden_size"], 1)
+    plans = [[] for _ in range(n_shards)]
+    for step in steps:
+        try:
+            meta, pieces = meta_pieces(step.name, torch.empty(step.info.shape, device="meta"), config, n_shards)
+        except KeyError:
+            raise ModelLoadError(f"{step.name}: no Meta name for this tensor; use --output_type huggingface") from None
+        for plan_, piece in zip(plans, pieces, strict=True):
+            plan_.append((meta, TensorInfo(torch.float16, tuple(piece.shape))))
+    with contextlib.ExitStack() as stack:
+        files = [out / f"consolidated.{i:02d}.pth" for i in range(n_shards)]
+        writers = [stack.enter_context(TorchZipWriter(f, p)) for f, p in zip(files, plans, strict=True)]
+        for step in progress(steps):
+            meta, pieces = meta_pieces(step.name, merged_tensor(step), config, n_shards)
+            for writer, piece in zip(writers, pieces, strict=True):
+                writer.write(meta, piece)
+    atomic_write_text(out / "params.json", json.dumps(config_to_params(config)) + "\n")
+
+
+def checksum_files(base_files: list[Path], loras: list[Lora], hidden: int) -> list[tuple[Path, str | None]]:
+    """Input files with the published file each claims to be (None: nothing published looks like it)."""
+    size = MODEL_SIZE_BY_DIM.get(hidden)
+    size = size if size in ("7B", "13B") else None
+    files = [(p, None) for p in base_files]
+    for lora in loras:
+        files.append((lora.path / "tokenizer.model", tokenizer_claim(lora.tokenizer.sp_model.get_piece_size())))
+        claim = f"Chinese LoRA {size} adapter_model.bin" if size and lora.adapter_file.suffix == ".bin" else None
+        files.append((lora.adapter_file, claim))
+    return files
+
+
+def merge(args: argparse.Namespace) -> list[Path]:
+    base_dir, output_dir = Path(args.base_model), Path(args.output_dir)
+    lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]
+    if not lora_dirs:
+        raise ModelLoadError("--lora_model is empty: pass one LoRA folder or two, comma-separated")
+    check_output_dir(output_dir, [base_dir, *lora_dirs], args.overwrite)
+    base_config = read_json(base_dir / "config.json", "--base_model must be a Hugging Face model directory")
+    base_files = base_weight_files(base_dir)
+    base = open_source(base_files)
+    loras = [load_lora(p) for p in lora_dirs]
+    report_checksums(checksum_files(base_files, loras, base_config["hidden_size"]), args.strict)
+    if EMBED not in base or LM_HEAD not in base:
+        raise ModelLoadError(f"{base_dir}: no {EMBED} / {LM_HEAD}; not a LlamaForCausalLM checkpoint")
+    vocab = check_vocab(base.info(EMBED).shape[0], loras)
+    for lora in loras:
+        check_changes_something(lora)
+    steps = plan(base, loras)
+    config = output_config(base_config, vocab)
+    print(f"base {base_dir} ({base.info(EMBED).shape[0]} tokens) + {len(loras)} LoRA(s) -> {vocab} tokens")
+    if args.verbose:
+        for step in steps:
+            print(step.describe())
+    progress = lambda items: tqdm(items, desc="merging", unit="tensor")  # noqa: E731
+    with atomic_dir(output_dir) as tmp:
+        if args.output_type == "huggingface":
+            write_huggingface(tmp, steps, config, args.max_shard_size, progress)
+            if (base_dir / "generation_config.json").is_file():
+                shutil.copyfile(base_dir / "generation_config.json", tmp / "generation_config.json")
+        else:
+            write_pth(tmp, steps, config, progress)
+        save_tokenizer(loras[-1].tokenizer, tmp)
+    return sorted(output_dir.iterdir())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+    if args.offload_dir:
+        print("note: --offload_dir is not needed and is ignored: this merge streams one tensor at a time")
+    written = merge(args)
+    total = sum(p.stat().st_size for p in written)
+    print(
+        f"wrote {args.output_dir} ({args.output_type}): {len(written)} files, {total / 1e9:.2f} GB; "
+        f"peak memory {peak_rss_mb():.0f} MB; {time.time() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
