@@ -197,10 +197,12 @@ _UNSUPPORTED = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
 
 
 def parse_adapter_key(key: str) -> tuple[str, str]:
-    """Adapter state-dict key -> (HF base weight name, kind), kind in {"lora_A", "lora_B", "full"}.
+    """Adapter state-dict key -> (HF base weight name, kind).
 
-    Accepts the 2023 names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`,
-    `base_model.model.lm_head.weight`) and today's (adapter name `default` inside, modules_to_save).
+    kind: "lora_A" / "lora_B"; "saved" for a trained full copy (modules_to_save); "full" for a
+    plain weight copy (2023's `base_model.model.lm_head.weight`, or what today's peft stores when
+    embeddings were resized); "ignore" for peft's copy of the untouched original module.
+    Accepts the 2023 names and today's (adapter name such as `default` inside or stripped).
     ValueError for LoRA variants this merge does not implement.
     """
     name = key.removeprefix("base_model.model.")
@@ -209,7 +211,10 @@ def parse_adapter_key(key: str) -> tuple[str, str]:
     match = _ADAPTER_KEY.match(name)
     if match:
         return match["module"] + ".weight", match["kind"]
-    name = re.sub(r"\.modules_to_save\.[A-Za-z0-9_-]+\.", ".", name)
+    for marker, kind in ((".modules_to_save.", "saved"), (".original_module.", "ignore"), (".base_layer.", "full")):
+        if marker in name:
+            module, _, rest = name.partition(marker)
+            return module + "." + rest.rsplit(".", 1)[-1], kind
     return name, "full"
 
 

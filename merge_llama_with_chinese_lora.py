@@ -158,14 +158,16 @@ def load_lora(path: Path) -> Lora:
         )
     lora = Lora(path, adapter, load_tokenizer(path), scale, fan_in_fan_out, open_source([adapter]))
     pending: dict[str, dict[str, str]] = {}
+    saved: set[str] = set()  # trained copies (modules_to_save) win over plain ones
     for key in lora.source.keys():
         try:
             name, kind = parse_adapter_key(key)
         except ValueError as err:
             raise ModelLoadError(f"{adapter}: {err}") from None
-        if kind == "full":
+        if kind == "saved" or (kind == "full" and name not in saved):
             lora.full[name] = key
-        else:
+            saved |= {name} if kind == "saved" else set()
+        elif kind in ("lora_A", "lora_B"):
             pending.setdefault(name, {})[kind] = key
     for name, keys in pending.items():
         if set(keys) != {"lora_A", "lora_B"}:

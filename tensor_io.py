@@ -333,9 +333,11 @@ class SafetensorsShards:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._current is not None:
-            self._current[1].close()
-            self._current = None
+        current, self._current = self._current, None
+        if current is not None and exc[0] is not None:
+            current[1]._file.close()  # failing anyway: keep the original error
+        elif current is not None:
+            current[1].close()
         if exc[0] is None:
             weight_map = {name: self.files[i] for name, i in self._shard_of.items()}
             total = sum(info.nbytes for shard in self._shards for _, info in shard)
@@ -407,8 +409,10 @@ class TorchZipWriter:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             self.close()
-        else:
-            self._file.close()
+            return
+        self._zip.write_end_of_file()  # failing anyway; a writer left open would abort at teardown
+        del self._zip
+        self._file.close()
 
     def close(self) -> None:
         missing = set(self._keys) - self._written

@@ -18,6 +18,7 @@ def import_script(name: str):
     """Import a top-level script by path (`test.py` would clash with the stdlib `test` package)."""
     spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -131,7 +131,11 @@ def test_parse_adapter_key():
     assert parse_adapter_key(new) == ("model.layers.3.mlp.down_proj.weight", "lora_B")
     assert parse_adapter_key("base_model.model.lm_head.weight") == ("lm_head.weight", "full")
     saved = "base_model.model.model.embed_tokens.modules_to_save.default.weight"
-    assert parse_adapter_key(saved) == ("model.embed_tokens.weight", "full")
+    assert parse_adapter_key(saved) == ("model.embed_tokens.weight", "saved")
+    saved = "base_model.model.model.embed_tokens.modules_to_save.weight"  # peft 0.21 strips the adapter name
+    assert parse_adapter_key(saved) == ("model.embed_tokens.weight", "saved")
+    original = "base_model.model.model.embed_tokens.original_module.weight"
+    assert parse_adapter_key(original) == ("model.embed_tokens.weight", "ignore")
     with pytest.raises(ValueError, match="unsupported"):
         parse_adapter_key("base_model.model.model.embed_tokens.lora_embedding_A.default")
 
