@@ -59,7 +59,8 @@ def _template(name: str) -> tuple[str, str | None]:
     return name[: match.start()] + "{}" + name[match.end() :], match.group(1)
 
 
-def _map(name: str, table: dict[str, str]) -> str:
+def map_name(name: str, table: dict[str, str]) -> str:
+    """Map a tensor name through a key-map table with `{}` for the layer; KeyError if unknown."""
     template, layer = _template(name)
     if template not in table:
         raise KeyError(name)
@@ -68,12 +69,12 @@ def _map(name: str, table: dict[str, str]) -> str:
 
 def hf_to_meta_name(name: str) -> str:
     """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; KeyError if unknown."""
-    return _map(name, HF_TO_META)
+    return map_name(name, HF_TO_META)
 
 
 def meta_to_hf_name(name: str) -> str:
     """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`; KeyError if unknown."""
-    return _map(name, META_TO_HF)
+    return map_name(name, META_TO_HF)
 
 
 def hf_sort_key(name: str) -> tuple:
@@ -288,3 +289,26 @@ def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> N
             )
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ModelLoadError(f"--output_dir {output_dir} exists and is not empty: choose a new one or pass --overwrite")
+
+
+def hf_weight_files(model_dir: Path) -> list[Path]:
+    """A Hugging Face model's weight files: safetensors preferred, else pytorch_model*.bin; sharded or not."""
+    import json
+
+    from model_utils import ModelLoadError
+
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
+        index = model_dir / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (model_dir / n).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
+            return [model_dir / n for n in names]
+        files = sorted(model_dir.glob(pattern))
+        if files:
+            return files
+    raise ModelLoadError(f"{model_dir}: no model*.safetensors or pytorch_model*.bin; pass a Hugging Face model dir")

@@ -35,6 +35,7 @@ from llama_layout import (
     config_to_params,
     hf_sort_key,
     hf_to_meta_name,
+    hf_weight_files,
     merge_lora_weight,
     meta_shard_dim,
     parse_adapter_key,
@@ -72,25 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
     return parser.parse_args(argv)
-
-
-def base_weight_files(base_dir: Path) -> list[Path]:
-    """The base model's weight files: safetensors preferred, else pytorch_model*.bin; sharded or not."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "*.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
-    ):
-        index = base_dir / index_name
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [n for n in names if not (base_dir / n).is_file()]
-            if missing:
-                raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
-            return [base_dir / n for n in names]
-        files = sorted(base_dir.glob(pattern))
-        if files:
-            return files
-    raise ModelLoadError(f"{base_dir}: no model*.safetensors or pytorch_model*.bin; pass a Hugging Face model dir")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -339,7 +321,7 @@ def merge(args: argparse.Namespace) -> list[Path]:
         raise ModelLoadError("--lora_model is empty: pass one LoRA folder or two, comma-separated")
     check_output_dir(output_dir, [base_dir, *lora_dirs], args.overwrite)
     base_config = read_json(base_dir / "config.json", "--base_model must be a Hugging Face model directory")
-    base_files = base_weight_files(base_dir)
+    base_files = hf_weight_files(base_dir)
     base = open_source(base_files)
     loras = [load_lora(p) for p in lora_dirs]
     report_checksums(checksum_files(base_files, loras, base_config["hidden_size"]), args.strict)
