@@ -33,7 +33,15 @@ from llama_layout import (
     tokenizer_claim,
 )
 from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
-from tensor_io import SafetensorsShards, TensorFileError, TensorInfo, TorchZipFile, parse_size, peak_rss_mb, plan_shards
+from tensor_io import (
+    SafetensorsShards,
+    TensorFileError,
+    TensorInfo,
+    TorchZipFile,
+    parse_size,
+    plan_shards,
+    print_summary,
+)
 
 MODEL_SIZES = ["7B", "13B", "30B", "33B", "65B", "tokenizer_only"]
 
@@ -185,11 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         files += [(p, f"LLaMA-{size} {p.name}" if size else None) for p in sorted(weights_dir.glob("consolidated.*"))]
     report_checksums(files, args.strict)
     written = convert(input_dir, args.model_size, output_dir, args.max_shard_size, args.max_position_embeddings)
-    total = sum(p.stat().st_size for p in written)
-    print(
-        f"wrote {output_dir}: {len(written)} files, {total / 1e9:.2f} GB; "
-        f"peak memory {peak_rss_mb():.0f} MB; {time.time() - start:.1f} s"
-    )
+    print_summary(str(output_dir), written, start)
 
 
 if __name__ == "__main__":

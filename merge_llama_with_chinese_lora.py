@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from io_utils import atomic_dir, atomic_write_text
+from llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_layout import (
     IGNORED_HF_SUFFIXES,
     META_SHARDS_BY_DIM,
@@ -53,8 +54,8 @@ from tensor_io import (
     TensorSource,
     TorchZipWriter,
     parse_size,
-    peak_rss_mb,
     plan_shards,
+    print_summary,
 )
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", required=True, help="Hugging Face LLaMA directory")
     parser.add_argument("--lora_model", required=True, help="LoRA folder(s), comma-separated, in order")
-    parser.add_argument("--output_type", default="pth", choices=["pth", "huggingface"], help="Meta .pth or HF")
+    parser.add_argument("--output_type", default="pth", choices=["pth", "huggingface", "gguf"], help="output format")
     parser.add_argument("--output_dir", required=True, help="new directory for the merged model")
     parser.add_argument("--offload_dir", default=None, help="accepted for compatibility; not needed (streaming)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (huggingface output)")
@@ -342,9 +343,16 @@ def merge(args: argparse.Namespace) -> list[Path]:
             write_huggingface(tmp, steps, config, args.max_shard_size, progress)
             if (base_dir / "generation_config.json").is_file():
                 shutil.copyfile(base_dir / "generation_config.json", tmp / "generation_config.json")
-        else:
+            save_tokenizer(loras[-1].tokenizer, tmp)
+        elif args.output_type == "pth":
             write_pth(tmp, steps, config, progress)
-        save_tokenizer(loras[-1].tokenizer, tmp)
+            save_tokenizer(loras[-1].tokenizer, tmp)
+        else:
+            by_name = {step.name: step for step in steps}
+            entries = [(step.name, step.info) for step in steps]
+            produce = lambda name: merged_tensor(by_name[name])  # noqa: E731
+            tokenizer = loras[-1].tokenizer
+            write_gguf(tmp / GGUF_FILE_NAME, entries, produce, config, tokenizer, output_dir.name, progress)
     return sorted(output_dir.iterdir())
 
 
@@ -354,11 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.offload_dir:
         print("note: --offload_dir is not needed and is ignored: this merge streams one tensor at a time")
     written = merge(args)
-    total = sum(p.stat().st_size for p in written)
-    print(
-        f"wrote {args.output_dir} ({args.output_type}): {len(written)} files, {total / 1e9:.2f} GB; "
-        f"peak memory {peak_rss_mb():.0f} MB; {time.time() - start:.1f} s"
-    )
+    print_summary(f"{args.output_dir} ({args.output_type})", written, start)
 
 
 if __name__ == "__main__":

@@ -434,3 +434,14 @@ def _pickle_bytes(obj) -> bytes:
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MB, Linux ru_maxrss is in KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_summary(what: str, written: list[Path], start: float) -> None:
+    """One closing line: files written, their size, this process's peak memory, elapsed time."""
+    import time
+
+    total = sum(p.stat().st_size for p in written)
+    print(
+        f"wrote {what}: {len(written)} file(s), {total / 1e9:.2f} GB; "
+        f"peak memory {peak_rss_mb():.0f} MB; {time.time() - start:.1f} s"
+    )

@@ -1,0 +1,68 @@
+"""Export a Hugging Face LLaMA directory (e.g. the merged Chinese-Alpaca) to one GGUF file for llama.cpp.
+
+    python export_gguf.py --model_dir model_hub/chinese-alpaca-7b
+    python export_gguf.py --model_dir model_hub/chinese-alpaca-7b --output model_hub/chinese-alpaca-7b-f16.gguf
+
+fp16 matrices, fp32 norms, q/k in Meta's rotary layout, the SentencePiece vocabulary of the
+directory's tokenizer.model. Streams tensor by tensor; the file appears only once complete.
+Quantize it afterwards with llama.cpp's `llama-quantize` (README, GGUF section).
+To merge LoRAs and export in one go: merge_llama_with_chinese_lora.py --output_type gguf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
+from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key, hf_weight_files
+from model_utils import ModelLoadError, load_tokenizer
+from tensor_io import TensorFileError, TensorSource, print_summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", required=True, help="Hugging Face LlamaForCausalLM directory")
+    parser.add_argument("--output", default=None, help=f"the .gguf to write (default MODEL_DIR/{GGUF_FILE_NAME})")
+    parser.add_argument("--tokenizer_dir", default=None, help="tokenizer.model folder (default: --model_dir)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return parser.parse_args(argv)
+
+
+def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    config = json.loads((model_dir / "config.json").read_text())
+    if output.exists() and not overwrite:
+        raise ModelLoadError(f"{output} exists: choose another --output or pass --overwrite")
+    try:
+        source = TensorSource(hf_weight_files(model_dir), IGNORED_HF_SUFFIXES)
+    except TensorFileError as err:
+        raise ModelLoadError(str(err)) from None
+    names = sorted(source.keys(), key=hf_sort_key)
+    for name in names:
+        try:
+            hf_to_gguf_name(name)
+        except KeyError:
+            raise ModelLoadError(f"{model_dir}: tensor {name} has no llama.cpp name; is this a LLaMA model?") from None
+    entries = [(name, source.info(name)) for name in names]
+    progress = lambda items: tqdm(items, desc="exporting", unit="tensor")  # noqa: E731
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return write_gguf(output, entries, source.read, config, tokenizer, model_dir.name, progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.time()
+    model_dir = Path(args.model_dir)
+    output = Path(args.output) if args.output else model_dir / GGUF_FILE_NAME
+    written = export(model_dir, output, Path(args.tokenizer_dir or model_dir), args.overwrite)
+    print_summary(str(written), [written], start)
+
+
+if __name__ == "__main__":
+    main()

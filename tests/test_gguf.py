@@ -1,0 +1,196 @@
+"""GGUF export, read back with gguf.GGUFReader and run by llama.cpp itself (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, import_script
+from safetensors import safe_open
+
+from model_utils import load_tokenizer
+from tiny_models import make_tiny_chinese_loras, make_tiny_model
+
+merge = import_script("merge_llama_with_chinese_lora")
+export = import_script("export_gguf")
+
+MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+TOP["lm_head.weight"] = "output.weight"
+
+
+@pytest.fixture(scope="module")
+def alpaca(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Chinese-Alpaca-Plus-shaped merge (49954 tokens), as huggingface and as gguf."""
+    root = tmp_path_factory.mktemp("gguf")
+    base = make_tiny_model(root / "llama-7b-hf", "llama", num_key_value_heads=2)
+    loras = ",".join(map(str, make_tiny_chinese_loras(base, root)))
+    out = {}
+    for kind in ("huggingface", "gguf"):
+        out[kind] = root / kind
+        args = ["--base_model", str(base), "--lora_model", loras, "--output_type", kind, "--output_dir", str(out[kind])]
+        merge.main(args)
+    out["gguf_file"] = out["gguf"] / "ggml-model-f16.gguf"
+    return out
+
+
+def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(model_dir / file, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
+def gguf_name(hf: str) -> str:
+    if hf in TOP:
+        return TOP[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def to_meta(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo transformers' rotary permutation (Meta's/llama.cpp's layout), written out here independently."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def read_gguf(path: Path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {t.name: (t.tensor_type, torch.from_numpy(t.data.copy())) for t in reader.tensors}
+    return fields, tensors
+
+
+def test_every_tensor_equals_the_merged_weights(alpaca):
+    from gguf import GGMLQuantizationType
+
+    fields, tensors = read_gguf(alpaca["gguf_file"])
+    hf = hf_tensors(alpaca["huggingface"])
+    assert len(tensors) == len(hf)
+    for name, weight in hf.items():
+        kind, got = tensors[gguf_name(name)]
+        if name.endswith("q_proj.weight"):
+            weight = to_meta(weight, 4)
+        elif name.endswith("k_proj.weight"):
+            weight = to_meta(weight, 2)
+        if weight.dim() == 1:
+            assert kind == GGMLQuantizationType.F32 and torch.equal(got, weight.float()), name
+        else:
+            assert kind == GGMLQuantizationType.F16 and torch.equal(got, weight), name
+
+
+def test_metadata_complete(alpaca):
+    from gguf import TokenType
+
+    fields, _ = read_gguf(alpaca["gguf_file"])
+    config = json.loads((alpaca["huggingface"] / "config.json").read_text())
+    tokenizer = load_tokenizer(alpaca["huggingface"])
+    sp = tokenizer.sp_model
+    expected = {
+        "general.architecture": "llama",
+        "general.name": "gguf",
+        "general.file_type": 1,
+        "llama.vocab_size": 49954,
+        "llama.context_length": config["max_position_embeddings"],
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": config["intermediate_size"],
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.rope.freq_base": 10000.0,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.padding_token_id": 49953,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+    for key, value in expected.items():
+        assert fields[key] == value, key
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    tokens, scores, types = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+    assert len(tokens) == len(scores) == len(types) == 49954
+    assert tokens == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert scores == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])
+    assert types[0] == TokenType.UNKNOWN and types[1] == types[2] == TokenType.CONTROL
+    assert types[sp.piece_to_id("<0x0A>")] == TokenType.BYTE
+    assert types[49953] == TokenType.USER_DEFINED and tokens[49953] == "[PAD]"
+    assert types[sp.piece_to_id("北京")] == TokenType.NORMAL
+
+
+def test_export_of_the_hf_directory_equals_the_merge_output(alpaca, tmp_path):
+    out = tmp_path / "alpaca.gguf"
+    export.main(["--model_dir", str(alpaca["huggingface"]), "--output", str(out)])
+    fields, tensors = read_gguf(out)
+    merged_fields, merged_tensors = read_gguf(alpaca["gguf_file"])
+    assert tensors.keys() == merged_tensors.keys()
+    for name, (kind, tensor) in tensors.items():
+        assert kind == merged_tensors[name][0] and torch.equal(tensor, merged_tensors[name][1]), name
+    fields.pop("general.name"), merged_fields.pop("general.name")
+    assert fields == merged_fields
+    with pytest.raises(SystemExit, match="exists"):
+        export.main(["--model_dir", str(alpaca["huggingface"]), "--output", str(out)])
+
+
+def llama_cpp_model(path: Path):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        pytest.fail("llama_cpp is not importable: pip install llama-cpp-python (it is in requirements.txt)")
+    return Llama(model_path=str(path), n_ctx=1024, n_threads=2, seed=0, verbose=False)
+
+
+def msra_rows(n: int) -> list[dict]:
+    with open(MSRA, encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_msra_like_sentencepiece(alpaca):
+    llm = llama_cpp_model(alpaca["gguf_file"])
+    tokenizer = load_tokenizer(alpaca["huggingface"])
+    texts = [r["query"] for r in msra_rows(200)] + [r["instruct"] + "\n" + r["answer"] for r in msra_rows(20)]
+    mismatches = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=True) != tokenizer(t)["input_ids"]]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[0]!r}"
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_continuation_equals_transformers(alpaca):
+    from transformers import AutoModelForCausalLM
+
+    llm = llama_cpp_model(alpaca["gguf_file"])
+    model = AutoModelForCausalLM.from_pretrained(alpaca["huggingface"], dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(alpaca["huggingface"])
+    for row in msra_rows(6):
+        ids = tokenizer(row["query"])["input_ids"]
+        ours = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            ours.append(token)
+            if len(ours) == 16:
+                break
+        current, reference = torch.tensor([ids]), []
+        with torch.inference_mode():
+            for _ in range(16):  # plain greedy decoding, no stopping rules
+                next_id = int(model(current).logits[0, -1].argmax())
+                reference.append(next_id)
+                current = torch.cat([current, torch.tensor([[next_id]])], dim=1)
+        assert ours == reference, row["query"]
