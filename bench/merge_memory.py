@@ -5,7 +5,7 @@
 
 The seed's way (2023 merge script): load the whole fp16 model, then per LoRA resize the
 embeddings, wrap in PeftModel and merge_and_unload, then save_pretrained. Ours:
-merge_llama_with_chinese_lora.py --output_type huggingface. Each side runs in its own
+merge_llama_with_chinese_lora.py --output_type huggingface (and --output_type gguf). Each side runs in its own
 subprocess; peak RSS comes from that child's rusage (os.wait4). The parent never imports
 torch: Linux carries the parent's resident size into a forked child's ru_maxrss. Inputs are
 made (in a subprocess too) and cached under .bench/merge/; outputs are deleted after each run.
@@ -102,9 +102,10 @@ def seed_merge(base: str, loras: list[str], out: str) -> None:
 def run_side(side: str, base: Path, loras: list[Path], out: Path) -> tuple[float, float]:
     """(peak RSS in GB, wall seconds) of one side, in its own process."""
     shutil.rmtree(out, ignore_errors=True)
-    if side == "ours":
+    if side.startswith("ours"):
+        output_type = "gguf" if side == "ours_gguf" else "huggingface"
         cmd = [sys.executable, str(ROOT / "merge_llama_with_chinese_lora.py"), "--base_model", str(base)]
-        cmd += ["--lora_model", ",".join(map(str, loras)), "--output_type", "huggingface", "--output_dir", str(out)]
+        cmd += ["--lora_model", ",".join(map(str, loras)), "--output_type", output_type, "--output_dir", str(out)]
     else:
         cmd = [sys.executable, __file__, "--seed_side", str(base), ",".join(map(str, loras)), str(out)]
     start = time.time()
@@ -136,16 +137,21 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make_inputs", str(layers)], check=True)
         base, loras = input_paths(layers)
         size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9
-        results = {side: run_side(side, base, loras, WORK / f"out-{side}") for side in ("seed", "ours")}
+        results = {side: run_side(side, base, loras, WORK / f"out-{side}") for side in ("seed", "ours", "ours_gguf")}
         (seed_rss, seed_wall), (our_rss, our_wall) = results["seed"], results["ours"]
+        gguf_rss, gguf_wall = results["ours_gguf"]
         rows.append(
             f"| {layers} x {HIDDEN} ({size:.2f} GB fp16) | {seed_rss:.2f} GB | {seed_wall:.1f} s "
-            f"| {our_rss:.2f} GB | {our_wall:.1f} s | {our_rss / seed_rss:.2f}x |"
+            f"| {our_rss:.2f} GB | {our_wall:.1f} s | {our_rss / seed_rss:.2f}x "
+            f"| {gguf_rss:.2f} GB | {gguf_wall:.1f} s |"
         )
         print(rows[-1], flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; two LoRAs (r=8, 49953 tokens; r=64, 49954)\n")
-    print("| base | seed's way peak RSS | seed's way wall | ours peak RSS | ours wall | RSS ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| base | seed's way peak RSS | seed's way wall | ours peak RSS | ours wall | RSS ratio "
+        "| ours -> gguf RSS | wall |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -336,3 +336,17 @@ def test_existing_output_needs_overwrite(inputs, tmp_path):
     assert (out / "keep.txt").read_text() == "user file"
     run_merge(inputs["base"], [inputs["llama_plus"]], out, "huggingface", "--overwrite", "--offload_dir", "x")
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_two_shard_pth_converts_back(inputs, merged, tmp_path, monkeypatch):
+    """13B-style pth (2 shards; the 49953-row output splits unevenly) round-trips through the converter."""
+    monkeypatch.setitem(merge.META_SHARDS_BY_DIM, 64, 2)
+    pth = run_merge(inputs["base"], [inputs["llama_plus"]], tmp_path / "pth" / "13B", "pth")
+    shards = [torch.load(pth / f"consolidated.{i:02d}.pth", weights_only=True) for i in range(2)]
+    assert [s["output.weight"].shape[0] for s in shards] == [24976, 24977]
+    assert [s["tok_embeddings.weight"].shape[1] for s in shards] == [32, 32]
+    assert torch.equal(shards[0]["norm.weight"], shards[1]["norm.weight"])
+    out = tmp_path / "back"
+    convert.main(["--input_dir", str(pth.parent), "--model_size", "13B", "--output_dir", str(out)])
+    back, hf = read_hf(out), read_hf(merged["one"])
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
