@@ -2,6 +2,7 @@
 
     python bench/merge_memory.py                   # 16 and 8 layers, hidden 2048 (needs ~8 GB disk, ~4 GB RAM)
     python bench/merge_memory.py --layers 16       # one depth only
+    python bench/merge_memory.py --convert         # convert_llama_weights_to_hf.py on 2-shard originals instead
 
 The seed's way (2023 merge script): load the whole fp16 model, then per LoRA resize the
 embeddings, wrap in PeftModel and merge_and_unload, then save_pretrained. Ours:
@@ -99,6 +100,36 @@ def seed_merge(base: str, loras: list[str], out: str) -> None:
     model.save_pretrained(out)
 
 
+def make_original(layers: int) -> None:
+    from tiny_models import make_tiny_original
+
+    out = WORK / f"orig-L{layers}"
+    if not (out / "7B" / "params.json").is_file():
+        make_tiny_original(out, n_shards=2, dim=HIDDEN, n_layers=layers, n_heads=HEADS, multiple_of=256)
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """(peak RSS in GB, wall seconds) of a command run as a child of this small process."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[1]} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024**2, wall
+
+
+def bench_convert(layers: int) -> str:
+    subprocess.run([sys.executable, __file__, "--make_original", str(layers)], check=True)
+    original, out = WORK / f"orig-L{layers}", WORK / "out-convert"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "convert_llama_weights_to_hf.py"), "--input_dir", str(original)]
+    rss, wall = measure(cmd + ["--model_size", "7B", "--output_dir", str(out)])
+    size = sum(p.stat().st_size for p in (original / "7B").glob("*.pth")) / 1e9
+    shutil.rmtree(out, ignore_errors=True)
+    return f"| convert, 2 shards, {layers} x {HIDDEN} ({size:.2f} GB fp16) | {rss:.2f} GB | {wall:.1f} s |"
+
+
 def run_side(side: str, base: Path, loras: list[Path], out: Path) -> tuple[float, float]:
     """(peak RSS in GB, wall seconds) of one side, in its own process."""
     shutil.rmtree(out, ignore_errors=True)
@@ -108,22 +139,18 @@ def run_side(side: str, base: Path, loras: list[Path], out: Path) -> tuple[float
         cmd += ["--lora_model", ",".join(map(str, loras)), "--output_type", output_type, "--output_dir", str(out)]
     else:
         cmd = [sys.executable, __file__, "--seed_side", str(base), ",".join(map(str, loras)), str(out)]
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    err = proc.stderr.read().decode()[-2000:]
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{side} failed:\n{err}")
+    rss, wall = measure(cmd)
     shutil.rmtree(out, ignore_errors=True)
-    return usage.ru_maxrss / 1024**2, wall
+    return rss, wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 8])
     parser.add_argument("--seed_side", nargs=3, metavar=("BASE", "LORAS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--convert", action="store_true", help="measure convert_llama_weights_to_hf.py instead")
     parser.add_argument("--make_inputs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--make_original", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seed_side:
         base, loras, out = args.seed_side
@@ -131,6 +158,13 @@ def main() -> None:
         return
     if args.make_inputs:
         make_inputs(args.make_inputs)
+        return
+    if args.make_original:
+        make_original(args.make_original)
+        return
+    if args.convert:
+        rows = [bench_convert(layers) for layers in args.layers]
+        print("| conversion | peak RSS | wall |\n|---|---|---|\n" + "\n".join(rows))
         return
     rows = []
     for layers in args.layers:

@@ -151,6 +151,18 @@ def test_export_of_the_hf_directory_equals_the_merge_output(alpaca, tmp_path):
         export.main(["--model_dir", str(alpaca["huggingface"]), "--output", str(out)])
 
 
+def test_interrupted_export_leaves_no_file(alpaca, tmp_path, monkeypatch):
+    import llama_gguf
+
+    def failing(name, tensor, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llama_gguf, "gguf_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export.main(["--model_dir", str(alpaca["huggingface"]), "--output", str(tmp_path / "x.gguf")])
+    assert not list(tmp_path.iterdir())
+
+
 def llama_cpp_model(path: Path):
     try:
         from llama_cpp import Llama

@@ -320,7 +320,7 @@ def test_interrupted_run_leaves_nothing_complete(inputs, tmp_path, monkeypatch):
 
     original = merge.merged_tensor
     monkeypatch.setattr(merge, "merged_tensor", failing)
-    for output_type in ("huggingface", "pth"):
+    for output_type in ("huggingface", "pth", "gguf"):
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             run_merge(inputs["base"], [inputs["llama_plus"]], tmp_path / "out", output_type)
