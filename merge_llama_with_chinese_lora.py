@@ -130,7 +130,8 @@ def lora_scale(config: dict, where: Path) -> tuple[float, bool]:
 def load_lora(path: Path) -> Lora:
     if not path.is_dir():
         raise ModelLoadError(f"--lora_model {path} is not a directory; pass the LoRA folder(s), comma-separated")
-    scale, fan_in_fan_out = lora_scale(read_json(path / "adapter_config.json", "the LoRA folder needs it"), path)
+    config_file = path / "adapter_config.json"
+    scale, fan_in_fan_out = lora_scale(read_json(config_file, "the LoRA folder needs it"), config_file)
     adapter = next((path / n for n in ADAPTER_FILES if (path / n).is_file()), None)
     if adapter is None:
         raise ModelLoadError(f"{path}: no adapter_model.bin or adapter_model.safetensors; finish the download")

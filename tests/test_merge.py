@@ -350,3 +350,15 @@ def test_two_shard_pth_converts_back(inputs, merged, tmp_path, monkeypatch):
     convert.main(["--input_dir", str(pth.parent), "--model_size", "13B", "--output_dir", str(out)])
     back, hf = read_hf(out), read_hf(merged["one"])
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_lora_scale():
+    assert merge.lora_scale({"r": 8, "lora_alpha": 32, "enable_lora": None, "merge_weights": False}, Path("c")) == (
+        4.0,
+        False,
+    )
+    assert merge.lora_scale({"r": 16, "lora_alpha": 32, "use_rslora": True}, Path("c")) == (8.0, False)
+    assert merge.lora_scale({"r": 4, "lora_alpha": 4, "fan_in_fan_out": True}, Path("c")) == (1.0, True)
+    for bad in ({"r": 8, "lora_alpha": 16, "use_dora": True}, {"r": 8, "lora_alpha": 16, "peft_type": "IA3"}, {"r": 8}):
+        with pytest.raises(SystemExit, match="adapter_config|LORA|lora_alpha"):
+            merge.lora_scale(bad, Path("x/adapter_config.json"))
