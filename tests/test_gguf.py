@@ -206,3 +206,22 @@ def test_llama_cpp_greedy_continuation_equals_transformers(alpaca):
                 reference.append(next_id)
                 current = torch.cat([current, torch.tensor([[next_id]])], dim=1)
         assert ours == reference, row["query"]
+
+
+@pytest.mark.slow
+def test_exported_file_quantizes_with_llama_cpp(alpaca, tmp_path):
+    """The README's quantization step: llama.cpp's own quantizer takes the file (Q8_0 here: 64-wide rows)."""
+    import ctypes
+
+    llama_cpp_model(alpaca["gguf_file"])  # fails loudly when llama_cpp is missing
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    out = tmp_path / "q8_0.gguf"
+    source = str(alpaca["gguf_file"]).encode()
+    assert llama_cpp.llama_model_quantize(source, str(out).encode(), ctypes.byref(params)) == 0
+    assert out.stat().st_size < alpaca["gguf_file"].stat().st_size
+    text = msra_rows(1)[0]["query"]
+    ids = load_tokenizer(alpaca["huggingface"])(text)["input_ids"]
+    assert llama_cpp_model(out).tokenize(text.encode("utf-8"), add_bos=True) == ids
