@@ -305,13 +305,18 @@ def write_pth(out: Path, steps: list[Step], config: dict, progress) -> None:
 
 
 def checksum_files(base_files: list[Path], loras: list[Lora], hidden: int) -> list[tuple[Path, str | None]]:
-    """Input files with the published file each claims to be (None: nothing published looks like it)."""
+    """Input files with the published file each claims to be (None: nothing published looks like it).
+
+    An adapter claims to be a published Chinese LoRA when it is for a 7B/13B model and carries the
+    Chinese vocabulary's full embeddings; an adapter trained here on the merged model does not.
+    """
     size = MODEL_SIZE_BY_DIM.get(hidden)
     size = size if size in ("7B", "13B") else None
     files = [(p, None) for p in base_files]
     for lora in loras:
         files.append((lora.path / "tokenizer.model", tokenizer_claim(lora.tokenizer.sp_model.get_piece_size())))
-        claim = f"Chinese LoRA {size} adapter_model.bin" if size and lora.adapter_file.suffix == ".bin" else None
+        chinese = lora.rows(EMBED) in (49953, 49954) and lora.adapter_file.suffix == ".bin"  # not a user's own
+        claim = f"Chinese LoRA {size} adapter_model.bin" if size and chinese else None
         files.append((lora.adapter_file, claim))
     return files
 
