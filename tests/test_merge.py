@@ -362,3 +362,14 @@ def test_lora_scale():
     for bad in ({"r": 8, "lora_alpha": 16, "use_dora": True}, {"r": 8, "lora_alpha": 16, "peft_type": "IA3"}, {"r": 8}):
         with pytest.raises(SystemExit, match="adapter_config|LORA|lora_alpha"):
             merge.lora_scale(bad, Path("x/adapter_config.json"))
+
+
+def test_checksum_claims(inputs):
+    lora = merge.load_lora(inputs["llama_plus"])
+    files = dict(merge.checksum_files([Path("base.safetensors")], [lora], 4096))
+    assert files[Path("base.safetensors")] is None
+    assert files[lora.path / "tokenizer.model"] == "Chinese-LLaMA tokenizer.model"
+    assert files[lora.adapter_file] == "Chinese LoRA 7B adapter_model.bin"  # 4096 wide + Chinese embeddings
+    assert dict(merge.checksum_files([], [lora], 64))[lora.adapter_file] is None  # a tiny model claims nothing
+    lora.full = {}  # an adapter trained here: no saved embeddings, claims nothing
+    assert dict(merge.checksum_files([], [lora], 4096))[lora.adapter_file] is None
