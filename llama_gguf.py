@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from io_utils import atomic_path
-from llama_layout import config_to_params, map_name, rotary_heads, unpermute
+from llama_layout import map_name, rope_theta, rotary_heads, unpermute
 from tensor_io import TensorInfo
 
 # HF name -> GGUF name (llama.cpp's LLM_ARCH_LLAMA tensor names). `{}` is the layer number.
@@ -112,7 +112,7 @@ def add_metadata(writer, config: dict, tokenizer, n_vocab: int, name: str) -> No
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
-    writer.add_rope_freq_base(float(config_to_params(config).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     pieces, scores, types = gguf_vocab(tokenizer, n_vocab)
     proto = sentencepiece_model_pb2.ModelProto()

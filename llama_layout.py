@@ -152,6 +152,11 @@ def params_to_config(params: dict, vocab_size: int, max_position_embeddings: int
     return config
 
 
+def rope_theta(config: dict) -> float:
+    """The rotary base of an HF config (transformers 5 keeps it in rope_parameters)."""
+    return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
 def config_to_params(config: dict) -> dict:
     """HF config -> Meta params.json, choosing multiple_of (or ffn_dim_multiplier) that gives back
     the config's intermediate_size."""
@@ -167,9 +172,8 @@ def config_to_params(config: dict) -> dict:
     kv = config.get("num_key_value_heads") or config["num_attention_heads"]
     if kv != params["n_heads"]:
         params["n_kv_heads"] = kv
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    if float(theta) != 10000.0:
-        params["rope_theta"] = float(theta)
+    if rope_theta(config) != 10000.0:
+        params["rope_theta"] = rope_theta(config)
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         if llama_intermediate_size(dim, multiple_of) == inter:
             params["multiple_of"] = multiple_of
