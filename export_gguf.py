@@ -52,6 +52,12 @@ def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool =
     entries = [(name, source.info(name)) for name in names]
     progress = lambda items: tqdm(items, desc="exporting", unit="tensor")  # noqa: E731
     tokenizer = load_tokenizer(tokenizer_dir)
+    rows = source.info("model.embed_tokens.weight").shape[0] if "model.embed_tokens.weight" in source else None
+    if rows != len(tokenizer):
+        raise ModelLoadError(
+            f"{tokenizer_dir / 'tokenizer.model'} has {len(tokenizer)} tokens but the model {rows} embedding rows: "
+            "pass --tokenizer_dir with the tokenizer this model was merged with"
+        )
     return write_gguf(output, entries, source.read, config, tokenizer, model_dir.name, progress)
 
 

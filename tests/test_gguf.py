@@ -151,6 +151,13 @@ def test_export_of_the_hf_directory_equals_the_merge_output(alpaca, tmp_path):
         export.main(["--model_dir", str(alpaca["huggingface"]), "--output", str(out)])
 
 
+def test_export_refuses_another_tokenizer(alpaca, tmp_path, chinese_tokenizer_dir):
+    args = ["--model_dir", str(alpaca["huggingface"]), "--output", str(tmp_path / "x.gguf")]
+    with pytest.raises(SystemExit, match="49953 tokens but the model 49954"):
+        export.main([*args, "--tokenizer_dir", str(chinese_tokenizer_dir)])
+    assert not list(tmp_path.iterdir())
+
+
 def test_interrupted_export_leaves_no_file(alpaca, tmp_path, monkeypatch):
     import llama_gguf
 
