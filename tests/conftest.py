@@ -39,3 +39,18 @@ def chinese_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_alpaca(tmp_path_factory) -> Path:
     """A random 2-layer hidden-64 LlamaForCausalLM with the 49954-token Alpaca tokenizer. Read-only."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-alpaca", "alpaca")
+
+
+def read_hf_weights(model_dir: Path) -> dict:
+    """Every tensor of a sharded safetensors Hugging Face directory, read with the safetensors library."""
+    import json
+
+    from safetensors import safe_open
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(model_dir / file, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    assert set(tensors) == set(index["weight_map"])
+    return tensors

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import import_script
-from safetensors import safe_open
+from conftest import import_script, read_hf_weights
 
 from model_utils import load_tokenizer
 from tiny_models import make_tiny_original
@@ -53,22 +52,12 @@ def reference_hf(weights_dir, n_heads, n_kv) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_hf(out_dir) -> dict[str, torch.Tensor]:
-    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for file in sorted(set(index["weight_map"].values())):
-        with safe_open(out_dir / file, "pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    assert set(tensors) == set(index["weight_map"])
-    return tensors
-
-
 @pytest.mark.parametrize("n_shards, n_kv", [(1, None), (2, None), (2, 2)])
 def test_convert_equals_source_exactly(tmp_path, n_shards, n_kv):
     original = make_tiny_original(tmp_path / "orig", n_shards=n_shards, n_kv_heads=n_kv, n_layers=2)
     out = tmp_path / "hf"
     convert.main(["--input_dir", str(original), "--model_size", "7B", "--output_dir", str(out)])
-    got, want = read_hf(out), reference_hf(original / "7B", 4, n_kv or 4)
+    got, want = read_hf_weights(out), reference_hf(original / "7B", 4, n_kv or 4)
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == torch.float16 and torch.equal(got[name], tensor), name

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, import_script
-from safetensors import safe_open
+from conftest import ROOT, import_script, read_hf_weights
 
 from model_utils import load_tokenizer
 from tiny_models import make_tiny_chinese_loras, make_tiny_model
@@ -47,15 +46,6 @@ def alpaca(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for file in sorted(set(index["weight_map"].values())):
-        with safe_open(model_dir / file, "pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
-
-
 def gguf_name(hf: str) -> str:
     if hf in TOP:
         return TOP[hf]
@@ -82,7 +72,7 @@ def test_every_tensor_equals_the_merged_weights(alpaca):
     from gguf import GGMLQuantizationType
 
     fields, tensors = read_gguf(alpaca["gguf_file"])
-    hf = hf_tensors(alpaca["huggingface"])
+    hf = read_hf_weights(alpaca["huggingface"])
     assert len(tensors) == len(hf)
     for name, weight in hf.items():
         kind, got = tensors[gguf_name(name)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_script
+from conftest import import_script, read_hf_weights
 from safetensors import safe_open
 
 from model_utils import load_tokenizer
@@ -25,15 +25,6 @@ def tree_hashes(*dirs: Path) -> dict[str, str]:
     return {
         str(p): hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()
     }
-
-
-def read_hf(out_dir: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for file in sorted(set(index["weight_map"].values())):
-        with safe_open(out_dir / file, "pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
 
 
 def run_merge(base: Path, loras: list[Path], out: Path, output_type: str = "huggingface", *extra: str) -> Path:
@@ -97,7 +88,7 @@ def fp16_ulp(x: torch.Tensor) -> torch.Tensor:
 def test_weights_equal_w_plus_scaled_ba(inputs, merged, which, n_loras):
     base = base_state(inputs["base"])
     adapters = [adapter(inputs[k]) for k in ("llama_plus", "alpaca_plus")[:n_loras]]
-    got = read_hf(merged[which])
+    got = read_hf_weights(merged[which])
     assert set(got) == set(base)
     for name, w in base.items():
         want = w.double()
@@ -169,7 +160,7 @@ def test_pth_converts_back_to_the_huggingface_output(merged, tmp_path):
     assert (pth / "tokenizer.model").read_bytes() == (merged["two"] / "tokenizer.model").read_bytes()
     out = tmp_path / "back"
     convert.main(["--input_dir", str(pth.parent), "--model_size", "7B", "--output_dir", str(out)])
-    back, hf = read_hf(out), read_hf(merged["two"])
+    back, hf = read_hf_weights(out), read_hf_weights(merged["two"])
     assert set(back) == set(hf)
     for name in hf:
         assert torch.equal(back[name], hf[name]), name
@@ -181,7 +172,7 @@ def test_pth_converts_back_to_the_huggingface_output(merged, tmp_path):
 
 def test_pth_is_meta_layout(merged):
     state = torch.load(merged["pth"] / "consolidated.00.pth", weights_only=True, mmap=True)
-    hf = read_hf(merged["two"])
+    hf = read_hf_weights(merged["two"])
     assert torch.equal(state["tok_embeddings.weight"], hf["model.embed_tokens.weight"])
     q = hf["model.layers.1.self_attn.q_proj.weight"]
     meta_q = q.view(4, 2, 8, 64).transpose(1, 2).reshape(64, 64)  # undo HF's rotary permutation
@@ -208,7 +199,7 @@ def test_pytorch_bin_base_gives_the_same_result(inputs, merged, tmp_path):
     weight_map = {k: f for f, keys in halves.items() for k in keys}
     (base / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     out = run_merge(base, [inputs["llama_plus"]], tmp_path / "out")
-    got, want = read_hf(out), read_hf(merged["one"])
+    got, want = read_hf_weights(out), read_hf_weights(merged["one"])
     assert all(torch.equal(got[k], want[k]) for k in want) and set(got) == set(want)
 
 
@@ -348,7 +339,7 @@ def test_two_shard_pth_converts_back(inputs, merged, tmp_path, monkeypatch):
     assert torch.equal(shards[0]["norm.weight"], shards[1]["norm.weight"])
     out = tmp_path / "back"
     convert.main(["--input_dir", str(pth.parent), "--model_size", "13B", "--output_dir", str(out)])
-    back, hf = read_hf(out), read_hf(merged["one"])
+    back, hf = read_hf_weights(out), read_hf_weights(merged["one"])
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
