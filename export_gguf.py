@@ -39,8 +39,11 @@ def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool =
     config = json.loads((model_dir / "config.json").read_text())
     if output.exists() and not overwrite:
         raise ModelLoadError(f"{output} exists: choose another --output or pass --overwrite")
+    files = hf_weight_files(model_dir)
+    if output.resolve() in {f.resolve() for f in files}:
+        raise ModelLoadError(f"--output {output} is one of the model's weight files; choose another name")
     try:
-        source = TensorSource(hf_weight_files(model_dir), IGNORED_HF_SUFFIXES)
+        source = TensorSource(files, IGNORED_HF_SUFFIXES)
     except TensorFileError as err:
         raise ModelLoadError(str(err)) from None
     names = sorted(source.keys(), key=hf_sort_key)
