@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from io_utils import atomic_dir
+from io_utils import atomic_dir, run_cli
 from llama_layout import (
     MODEL_SIZE_BY_DIM,
     check_output_dir,
@@ -197,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

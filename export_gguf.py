@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from io_utils import run_cli
 from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
 from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key, hf_weight_files
 from model_utils import ModelLoadError, load_tokenizer
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from io_utils import atomic_dir, atomic_write_text
+from io_utils import atomic_dir, atomic_write_text, run_cli
 from llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_layout import (
     IGNORED_HF_SUFFIXES,
@@ -372,4 +372,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

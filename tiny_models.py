@@ -204,16 +204,30 @@ def _write_lora_2023(out_dir: Path, config: dict, vocab: str, r: int, lora_alpha
     return out_dir
 
 
+def _base_geometry(base_dir: Path) -> dict:
+    """HF config keys of a model directory: its config.json, or Meta's params.json (here or in 7B/)."""
+    import json
+
+    from llama_layout import params_to_config
+
+    if (base_dir / "config.json").is_file():
+        return json.loads((base_dir / "config.json").read_text())
+    for params in (base_dir / "params.json", base_dir / "7B" / "params.json"):
+        if params.is_file():
+            return params_to_config(json.loads(params.read_text()), vocab_size=32000)
+    raise FileNotFoundError(f"{base_dir}: no config.json or params.json to take the model's geometry from")
+
+
 def make_tiny_chinese_loras(
     base_hf_dir: str | Path, out_dir: str | Path, r_llama: int = 8, r_alpaca: int = 64, seed: int = 0
 ) -> tuple[Path, Path]:
-    """Two LoRAs for the HF model in base_hf_dir, laid out like the published ones:
+    """Two LoRAs for the model in base_hf_dir (HF config.json, or Meta's params.json: the original
+    checkpoint before conversion), laid out like the published ones:
     chinese-llama-plus-lora-7b (49953 tokens, r=8, alpha 32) and chinese-alpaca-plus-lora-7b
     (49954 with [PAD], r=64, alpha 128): 2023 adapter_config.json, adapter_model.bin with 2023 key
     names and full embed_tokens/lm_head, tokenizer.model + special_tokens_map/tokenizer_config."""
-    import json
 
-    config = json.loads((Path(base_hf_dir) / "config.json").read_text())
+    config = _base_geometry(Path(base_hf_dir))
     gen = torch.Generator().manual_seed(seed)
     out_dir = Path(out_dir)
     llama = _write_lora_2023(out_dir / "chinese-llama-plus-lora-7b", config, "chinese", r_llama, 32.0, gen)

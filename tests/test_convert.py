@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import import_script, read_hf_weights
 
+from conftest import import_script, read_hf_weights
 from model_utils import load_tokenizer
 from tiny_models import make_tiny_original
 

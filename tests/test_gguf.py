@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, import_script, read_hf_weights
 
+from conftest import ROOT, import_script, read_hf_weights
 from model_utils import load_tokenizer
 from tiny_models import make_tiny_chinese_loras, make_tiny_model
 

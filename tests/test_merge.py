@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_script, read_hf_weights
 from safetensors import safe_open
 
+from conftest import import_script, read_hf_weights
 from model_utils import load_tokenizer
 from tiny_models import make_tiny_chinese_loras, make_tiny_model
 
