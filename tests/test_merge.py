@@ -364,3 +364,28 @@ def test_checksum_claims(inputs):
     assert dict(merge.checksum_files([], [lora], 64))[lora.adapter_file] is None  # a tiny model claims nothing
     lora.full = {}  # an adapter trained here: no saved embeddings, claims nothing
     assert dict(merge.checksum_files([], [lora], 4096))[lora.adapter_file] is None
+
+
+def test_loras_built_from_the_original_checkpoint_merge(tmp_path):
+    """The demo's order: original + LoRAs first (as downloaded), then convert, then merge."""
+    from tiny_models import make_tiny_original
+
+    original = make_tiny_original(tmp_path / "orig")
+    llama_plus, alpaca_plus = make_tiny_chinese_loras(original, tmp_path)
+    convert.main(["--input_dir", str(original), "--model_size", "7B", "--output_dir", str(tmp_path / "7B-hf")])
+    out = run_merge(tmp_path / "7B-hf", [llama_plus, alpaca_plus], tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 49954
+
+
+def test_command_line_error_is_one_line(inputs, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "merge_llama_with_chinese_lora.py"), "--base_model", str(inputs["base"])]
+    cmd += ["--lora_model", f"{inputs['alpaca_plus']},{inputs['llama_plus']}", "--output_dir", str(tmp_path / "o")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "wrong order" in errors[0] and "Traceback" not in result.stderr
