@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ import torch
 from io_utils import atomic_path
 from llama_layout import map_name, rope_theta, rotary_heads, unpermute
 from tensor_io import TensorInfo
+
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
+
+    from model_utils import LlamaSentencePieceTokenizer
 
 # HF name -> GGUF name (llama.cpp's LLM_ARCH_LLAMA tensor names). `{}` is the layer number.
 HF_TO_GGUF = {
@@ -55,7 +61,7 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: dict) -> np.ndarray:
     return tensor.to(dtype).contiguous().numpy()
 
 
-def gguf_vocab(tokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+def gguf_vocab(tokenizer: LlamaSentencePieceTokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     """(pieces, scores, token types) for every id below n_vocab, from sentencepiece itself."""
     from gguf import TokenType
 
@@ -98,7 +104,9 @@ def gguf_vocab(tokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[
     return pieces, scores, [int(t) for t in types]
 
 
-def add_metadata(writer, config: dict, tokenizer, n_vocab: int, name: str) -> None:
+def add_metadata(
+    writer: GGUFWriter, config: dict, tokenizer: LlamaSentencePieceTokenizer, n_vocab: int, name: str
+) -> None:
     from sentencepiece import sentencepiece_model_pb2
 
     heads = config["num_attention_heads"]
@@ -138,7 +146,7 @@ def write_gguf(
     entries: list[tuple[str, TensorInfo]],
     produce: Callable[[str], torch.Tensor],
     config: dict,
-    tokenizer,
+    tokenizer: LlamaSentencePieceTokenizer,
     name: str = "",
     progress: Callable = iter,
 ) -> Path:

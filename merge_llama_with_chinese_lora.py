@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from llama_layout import (
     tokenizer_claim,
     unpermute,
 )
-from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
+from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, save_tokenizer
 from tensor_io import (
     SafetensorsShards,
     TensorFileError,
@@ -98,7 +99,7 @@ class Lora:
 
     path: Path
     adapter_file: Path
-    tokenizer: object
+    tokenizer: LlamaSentencePieceTokenizer
     scale: float
     fan_in_fan_out: bool
     source: TensorSource
@@ -264,7 +265,7 @@ def output_config(base_config: dict, vocab: int) -> dict:
     return config
 
 
-def write_huggingface(out: Path, steps: list[Step], config: dict, max_shard_size: str, progress) -> None:
+def write_huggingface(out: Path, steps: list[Step], config: dict, max_shard_size: str, progress: Callable) -> None:
     entries = [(s.name, s.info) for s in steps]
     with SafetensorsShards(out, plan_shards(entries, parse_size(max_shard_size))) as writer:
         for step in progress(steps):
@@ -284,7 +285,7 @@ def meta_pieces(name: str, tensor: torch.Tensor, config: dict, n_shards: int) ->
     return meta, list(tensor.split(split_sizes(tensor.shape[split], n_shards), dim=split))
 
 
-def write_pth(out: Path, steps: list[Step], config: dict, progress) -> None:
+def write_pth(out: Path, steps: list[Step], config: dict, progress: Callable) -> None:
     n_shards = META_SHARDS_BY_DIM.get(config["hidden_size"], 1)
     plans = [[] for _ in range(n_shards)]
     for step in steps:
