@@ -36,7 +36,7 @@ def build_inputs() -> None:
     from tiny_models import make_tiny_chinese_loras, make_tiny_original
 
     make_tiny_original(TINY)
-    make_tiny_chinese_loras(TINY / "7B-hf", TINY)
+    make_tiny_chinese_loras(TINY, TINY)
 
 
 def head_rows(src: Path, dst: Path, n: int) -> Path:
