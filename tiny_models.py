@@ -10,6 +10,7 @@ weights near zero would stop a LoRA from learning.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,45 +116,62 @@ def make_tiny_original(
     multiple_of: int = 32,
     model_size: str = "7B",
     seed: int = 0,
+    progress: Callable = iter,
 ) -> Path:
     """A random fp16 LLaMA in Meta's original layout: out_dir/tokenizer.model (the real LLaMA one)
-    and out_dir/<model_size>/consolidated.NN.pth (n_shards, split as Meta splits) + params.json."""
+    and out_dir/<model_size>/consolidated.NN.pth (n_shards, split as Meta splits) + params.json.
+    Written tensor by tensor, so any geometry fits in memory (7B: dim 4096, 32 layers, 32 heads, 256)."""
+    import contextlib
     import json
 
-    from llama_layout import llama_intermediate_size, meta_shard_dim
+    from llama_layout import meta_shard_dim
+    from tensor_io import TensorInfo, TorchZipWriter
 
     out_dir = Path(out_dir)
     weights = out_dir / model_size
     weights.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(LLAMA_SP.read_bytes())
     vocab = len(load_tokenizer(out_dir))
-    gen = torch.Generator().manual_seed(seed)
-    inter = llama_intermediate_size(dim, multiple_of)
-    kv_dim = dim // n_heads * (n_kv_heads or n_heads)
-    full = {"tok_embeddings.weight": _randn(gen, vocab, dim)}
-    for i in range(n_layers):
-        shapes = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
-        shapes |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
-        shapes |= {"feed_forward.w3": (inter, dim)}
-        for name, shape in shapes.items():
-            full[f"layers.{i}.{name}.weight"] = _randn(gen, *shape)
-        full[f"layers.{i}.attention_norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
-        full[f"layers.{i}.ffn_norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
-    full["norm.weight"] = (1 + _randn(gen, dim, std=0.1).float()).half()
-    full["output.weight"] = _randn(gen, vocab, dim)
-    shards = [{} for _ in range(n_shards)]
-    for name, tensor in full.items():
+    shapes = original_shapes(vocab, dim, n_layers, dim // n_heads * (n_kv_heads or n_heads), multiple_of)
+
+    def pieces(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         split_dim = meta_shard_dim(name)
-        pieces = [tensor] * n_shards if split_dim is None else tensor.chunk(n_shards, dim=split_dim)
-        for shard, piece in zip(shards, pieces, strict=True):
-            shard[name] = piece.clone()
-    for i, shard in enumerate(shards):
-        torch.save(shard, weights / f"consolidated.{i:02d}.pth")
+        return [tensor] * n_shards if split_dim is None else list(tensor.chunk(n_shards, dim=split_dim))
+
+    plans = [[] for _ in range(n_shards)]
+    for name, shape in shapes.items():
+        for plan, piece in zip(plans, pieces(name, torch.empty(shape, device="meta")), strict=True):
+            plan.append((name, TensorInfo(torch.float16, tuple(piece.shape))))
+    gen = torch.Generator().manual_seed(seed)
+    with contextlib.ExitStack() as stack:
+        files = [weights / f"consolidated.{i:02d}.pth" for i in range(n_shards)]
+        writers = [stack.enter_context(TorchZipWriter(f, p)) for f, p in zip(files, plans, strict=True)]
+        for name, shape in progress(shapes.items()):
+            if len(shape) == 1:  # norms near one: random values near zero would stop learning
+                tensor = (1 + _randn(gen, *shape, std=0.1).float()).half()
+            else:
+                tensor = _randn(gen, *shape)
+            for writer, piece in zip(writers, pieces(name, tensor), strict=True):
+                writer.write(name, piece)
     params = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers, "norm_eps": 1e-06}
     if n_kv_heads:
         params["n_kv_heads"] = n_kv_heads
     (weights / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
     return out_dir
+
+
+def original_shapes(vocab: int, dim: int, n_layers: int, kv_dim: int, multiple_of: int) -> dict[str, tuple]:
+    """Meta's tensor names and full shapes, in the order make_tiny_original draws them."""
+    from llama_layout import llama_intermediate_size
+
+    inter = llama_intermediate_size(dim, multiple_of)
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(n_layers):
+        layer = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
+        layer |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
+        layer |= {"feed_forward.w3": (inter, dim), "attention_norm": (dim,), "ffn_norm": (dim,)}
+        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in layer.items()}
+    return shapes | {"norm.weight": (dim,), "output.weight": (vocab, dim)}
 
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
