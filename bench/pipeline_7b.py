@@ -1,0 +1,181 @@
+"""Wall time, peak memory and disk of the real pipeline at LLaMA-7B geometry, on random weights.
+
+    python bench/pipeline_7b.py                    # ~60 GB free disk needed; everything deleted at the end
+    python bench/pipeline_7b.py --keep             # keep .bench/7b (inputs, HF model, merged model, GGUF)
+    python bench/pipeline_7b.py --steps convert merge_hf   # only some steps
+
+Builds, in a subprocess, a random original checkpoint with 7B's geometry (dim 4096, 32 layers,
+32 heads, multiple_of 256, vocab 32000: one 13.5 GB consolidated.00.pth written tensor by
+tensor, plus params.json and the real tokenizer.model) and two LoRAs shaped like the published
+Chinese-LLaMA-Plus-7B (r=8, alpha 32, 49953 rows) and Chinese-Alpaca-Plus-7B (r=64, alpha 128,
+49954 rows). Then runs the real commands, each as a child of this process (which never imports
+torch: Linux carries a parent's resident size into a forked child's ru_maxrss): convert to HF,
+merge both LoRAs to huggingface, merge to pth, export the merged HF model to GGUF. Per step:
+wall time, the child's peak RSS (os.wait4), bytes written, load average (the box may be shared).
+Outputs no later step needs are deleted as soon as they are measured, to bound the disk used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / ".bench" / "7b"
+MIN_FREE_GB = 60  # original 13.5 + LoRAs 1.9 + HF 13.5 + merged HF 13.9 + pth 13.9 (kept with --keep), with margin
+GEOMETRY = {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}  # LLaMA-7B params.json
+SMOKE_GEOMETRY = {"dim": 256, "n_layers": 2, "n_heads": 4, "multiple_of": 32}  # --smoke: check the script itself
+STEPS = ["convert", "merge_hf", "merge_pth", "gguf"]
+
+
+@dataclass
+class Result:
+    step: str
+    command: str
+    wall_s: float
+    peak_rss_gb: float
+    written_gb: float
+    load: float  # 1-minute load average when the step ended
+
+
+def dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_disk(work: Path, min_free_gb: float) -> None:
+    """Refuse to start without room for the largest moment (what work already holds counts as room)."""
+    probe = work if work.exists() else next(p for p in work.parents if p.exists())
+    free = shutil.disk_usage(probe).free + (dir_bytes(work) if work.exists() else 0)
+    if free < min_free_gb * 1e9:
+        raise SystemExit(
+            f"{probe}: only {free / 1e9:.0f} GB free, this benchmark needs {min_free_gb:.0f} GB "
+            "(a 7B checkpoint is 13.5 GB and up to four copies exist at once); free some disk or pass --work_dir"
+        )
+
+
+def measure(step: str, cmd: list[str], output: Path, log: Path) -> Result:
+    """Run cmd as a child; its wall time, peak RSS (rusage of that child), and size of output."""
+    start = time.time()
+    with open(log, "ab") as sink:
+        sink.write(f"\n$ {' '.join(cmd)}\n".encode())
+        sink.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"{step} failed (exit {os.waitstatus_to_exitcode(status)}); end of {log}:\n{tail}")
+    shown = " ".join(str(c).replace(str(ROOT) + "/", "") for c in cmd[1:])
+    return Result(step, shown, wall, usage.ru_maxrss / 1024**2, dir_bytes(output) / 1e9, os.getloadavg()[0])
+
+
+def make_inputs(work: Path, geometry: dict) -> None:
+    """Random 7B original + the two Plus-shaped LoRAs (run in a child: it imports torch)."""
+    from tqdm import tqdm
+
+    from tiny_models import make_tiny_chinese_loras, make_tiny_original
+
+    original = work / "original"
+    if not (original / "7B" / "params.json").is_file():
+        shutil.rmtree(original, ignore_errors=True)
+        bar = lambda items: tqdm(list(items), desc="random 7B", unit="tensor")  # noqa: E731
+        make_tiny_original(original, n_shards=1, progress=bar, **geometry)
+    if not all((work / name / "adapter_model.bin").is_file() for name in lora_names()):
+        make_tiny_chinese_loras(original, work, r_llama=8, r_alpaca=64)
+
+
+def lora_names() -> list[str]:
+    return ["chinese-llama-plus-lora-7b", "chinese-alpaca-plus-lora-7b"]
+
+
+def python(script: str, *args: str | Path) -> list[str]:
+    return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def run_steps(work: Path, steps: list[str], keep: bool, log: Path) -> list[Result]:
+    original, hf, merged = work / "original", work / "7B-hf", work / "chinese-alpaca-7b"
+    pth, gguf = work / "chinese-alpaca-7b-pth", work / "chinese-alpaca-7b.gguf"
+    loras = ",".join(str(work / name) for name in lora_names())
+    merge = ["merge_llama_with_chinese_lora.py", "--base_model", hf, "--lora_model", loras]
+    commands = {
+        "convert": (python("convert_llama_weights_to_hf.py", "--input_dir", original, "--model_size", "7B",
+                           "--output_dir", hf), hf),
+        "merge_hf": (python(*merge, "--output_type", "huggingface", "--output_dir", merged), merged),
+        "merge_pth": (python(*merge, "--output_type", "pth", "--output_dir", pth), pth),
+        "gguf": (python("export_gguf.py", "--model_dir", merged, "--output", gguf), gguf),
+    }  # fmt: skip
+    results = []
+    for step in steps:
+        cmd, output = commands[step]
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        print(f"[{time.strftime('%H:%M:%S')}] {step} ...", flush=True)
+        results.append(measure(step, cmd, output, log))
+        r = results[-1]
+        print(f"    {r.wall_s:.0f} s, peak RSS {r.peak_rss_gb:.2f} GB, wrote {r.written_gb:.2f} GB", flush=True)
+        if not keep and step == "convert":
+            shutil.rmtree(original / "7B")  # nothing later reads it: bounds the disk used
+        if not keep and step == "merge_pth":
+            shutil.rmtree(pth)
+    return results
+
+
+def table(results: list[Result], inputs: Result | None) -> str:
+    rows = ["| step | command | wall | peak RSS | written | load avg |", "|---|---|---|---|---|---|"]
+    for r in ([inputs] if inputs else []) + results:
+        rows.append(
+            f"| {r.step} | `{r.command}` | {r.wall_s / 60:.1f} min ({r.wall_s:.0f} s) | {r.peak_rss_gb:.2f} GB "
+            f"| {r.written_gb:.2f} GB | {r.load:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default=str(WORK), help="inputs and outputs go here (default .bench/7b)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (inputs are then reused)")
+    parser.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS, help="which steps, in this order")
+    parser.add_argument("--make_inputs", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer, hidden-256 model: checks this script")
+    args = parser.parse_args()
+    work = Path(args.work_dir).resolve()
+    if args.make_inputs:
+        make_inputs(work, SMOKE_GEOMETRY if args.smoke else GEOMETRY)
+        return
+    check_disk(work, 1 if args.smoke else MIN_FREE_GB)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work.parent / f"{work.name}.log"
+    started = time.time()
+    try:
+        inputs = None
+        if not (work / "original" / "7B" / "params.json").is_file():
+            print(f"[{time.strftime('%H:%M:%S')}] making random 7B inputs ...", flush=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--work_dir", str(work), "--make_inputs"]
+            cmd += ["--smoke"] if args.smoke else []
+            inputs = measure("make inputs", cmd, work, log)
+            inputs.command = "(random 7B original + 2 LoRAs, tiny_models.py)"
+        results = run_steps(work, args.steps, args.keep, log)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {total_ram_gb():.0f} GB RAM; log: {log}")
+    print(f"total {(time.time() - started) / 60:.1f} min\n")
+    print(table(results, inputs))
+
+
+def total_ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+if __name__ == "__main__":
+    main()
