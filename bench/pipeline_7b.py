@@ -2,7 +2,7 @@
 
     python bench/pipeline_7b.py                    # ~60 GB free disk needed; everything deleted at the end
     python bench/pipeline_7b.py --keep             # keep .bench/7b (inputs, HF model, merged model, GGUF)
-    python bench/pipeline_7b.py --steps convert merge_hf   # only some steps
+    python bench/pipeline_7b.py --cold             # inputs read from disk, not from the page cache
 
 Builds, in a subprocess, a random original checkpoint with 7B's geometry (dim 4096, 32 layers,
 32 heads, multiple_of 256, vocab 32000: one 13.5 GB consolidated.00.pth written tensor by
@@ -10,8 +10,10 @@ tensor, plus params.json and the real tokenizer.model) and two LoRAs shaped like
 Chinese-LLaMA-Plus-7B (r=8, alpha 32, 49953 rows) and Chinese-Alpaca-Plus-7B (r=64, alpha 128,
 49954 rows). Then runs the real commands, each as a child of this process (which never imports
 torch: Linux carries a parent's resident size into a forked child's ru_maxrss): convert to HF,
-merge both LoRAs to huggingface, merge to pth, export the merged HF model to GGUF. Per step:
+merge both LoRAs to huggingface, merge to pth, export the merged HF model to GGUF, merge straight
+to GGUF. Per step:
 wall time, the child's peak RSS (os.wait4), bytes written, load average (the box may be shared).
+Inputs just written sit in the page cache when RAM allows; --cold drops them first (fadvise).
 Outputs no later step needs are deleted as soon as they are measured, to bound the disk used.
 """
 
@@ -30,10 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / ".bench" / "7b"
-MIN_FREE_GB = 60  # original 13.5 + LoRAs 1.9 + HF 13.5 + merged HF 13.9 + pth 13.9 (kept with --keep), with margin
+MIN_FREE_GB = 60  # LoRAs 1.9 + HF 13.5 + merged HF 13.8 + one more 13.8 output (or the original), with margin
+MIN_FREE_GB_KEEP = 90  # --keep: original, HF, and all four 13.8 GB outputs
 GEOMETRY = {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256}  # LLaMA-7B params.json
 SMOKE_GEOMETRY = {"dim": 256, "n_layers": 2, "n_heads": 4, "multiple_of": 32}  # --smoke: check the script itself
-STEPS = ["convert", "merge_hf", "merge_pth", "gguf"]
+STEPS = ["convert", "merge_hf", "merge_pth", "gguf", "merge_gguf"]
 
 
 @dataclass
@@ -61,6 +64,18 @@ def check_disk(work: Path, min_free_gb: float) -> None:
             f"{probe}: only {free / 1e9:.0f} GB free, this benchmark needs {min_free_gb:.0f} GB "
             "(a 7B checkpoint is 13.5 GB and up to four copies exist at once); free some disk or pass --work_dir"
         )
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Flush and drop the cached pages of every file under path (only these files; no root needed),
+    so the next step reads from disk as after a download, not from RAM."""
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def measure(step: str, cmd: list[str], output: Path, log: Path) -> Result:
@@ -102,9 +117,10 @@ def python(script: str, *args: str | Path) -> list[str]:
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run_steps(work: Path, steps: list[str], keep: bool, log: Path) -> list[Result]:
+def run_steps(work: Path, steps: list[str], keep: bool, cold: bool, log: Path) -> list[Result]:
     original, hf, merged = work / "original", work / "7B-hf", work / "chinese-alpaca-7b"
     pth, gguf = work / "chinese-alpaca-7b-pth", work / "chinese-alpaca-7b.gguf"
+    merged_gguf = work / "chinese-alpaca-7b-gguf"
     loras = ",".join(str(work / name) for name in lora_names())
     merge = ["merge_llama_with_chinese_lora.py", "--base_model", hf, "--lora_model", loras]
     commands = {
@@ -113,20 +129,23 @@ def run_steps(work: Path, steps: list[str], keep: bool, log: Path) -> list[Resul
         "merge_hf": (python(*merge, "--output_type", "huggingface", "--output_dir", merged), merged),
         "merge_pth": (python(*merge, "--output_type", "pth", "--output_dir", pth), pth),
         "gguf": (python("export_gguf.py", "--model_dir", merged, "--output", gguf), gguf),
+        "merge_gguf": (python(*merge, "--output_type", "gguf", "--output_dir", merged_gguf), merged_gguf),
     }  # fmt: skip
     results = []
     for step in steps:
         cmd, output = commands[step]
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
+        if cold:
+            evict_from_page_cache(work)
         print(f"[{time.strftime('%H:%M:%S')}] {step} ...", flush=True)
         results.append(measure(step, cmd, output, log))
         r = results[-1]
         print(f"    {r.wall_s:.0f} s, peak RSS {r.peak_rss_gb:.2f} GB, wrote {r.written_gb:.2f} GB", flush=True)
         if not keep and step == "convert":
             shutil.rmtree(original / "7B")  # nothing later reads it: bounds the disk used
-        if not keep and step == "merge_pth":
-            shutil.rmtree(pth)
+        if not keep and step in ("merge_pth", "gguf", "merge_gguf"):
+            shutil.rmtree(output) if output.is_dir() else output.unlink()  # nothing later reads it
     return results
 
 
@@ -145,6 +164,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(WORK), help="inputs and outputs go here (default .bench/7b)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (inputs are then reused)")
     parser.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS, help="which steps, in this order")
+    parser.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before each step")
     parser.add_argument("--make_inputs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="a 2-layer, hidden-256 model: checks this script")
     args = parser.parse_args()
@@ -152,7 +172,7 @@ def main() -> None:
     if args.make_inputs:
         make_inputs(work, SMOKE_GEOMETRY if args.smoke else GEOMETRY)
         return
-    check_disk(work, 1 if args.smoke else MIN_FREE_GB)
+    check_disk(work, 1 if args.smoke else MIN_FREE_GB_KEEP if args.keep else MIN_FREE_GB)
     work.mkdir(parents=True, exist_ok=True)
     log = work.parent / f"{work.name}.log"
     started = time.time()
@@ -164,7 +184,7 @@ def main() -> None:
             cmd += ["--smoke"] if args.smoke else []
             inputs = measure("make inputs", cmd, work, log)
             inputs.command = "(random 7B original + 2 LoRAs, tiny_models.py)"
-        results = run_steps(work, args.steps, args.keep, log)
+        results = run_steps(work, args.steps, args.keep, args.cold, log)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
