@@ -117,7 +117,8 @@ def python(script: str, *args: str | Path) -> list[str]:
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run_steps(work: Path, steps: list[str], keep: bool, cold: bool, log: Path) -> list[Result]:
+def run_steps(work: Path, steps: list[str], keep: bool, cold: bool, log: Path, results: list[Result]) -> None:
+    """Run the steps in order, appending each one's Result (results so far survive a failure)."""
     original, hf, merged = work / "original", work / "7B-hf", work / "chinese-alpaca-7b"
     pth, gguf = work / "chinese-alpaca-7b-pth", work / "chinese-alpaca-7b.gguf"
     merged_gguf = work / "chinese-alpaca-7b-gguf"
@@ -131,7 +132,6 @@ def run_steps(work: Path, steps: list[str], keep: bool, cold: bool, log: Path) -
         "gguf": (python("export_gguf.py", "--model_dir", merged, "--output", gguf), gguf),
         "merge_gguf": (python(*merge, "--output_type", "gguf", "--output_dir", merged_gguf), merged_gguf),
     }  # fmt: skip
-    results = []
     for step in steps:
         cmd, output = commands[step]
         if output.exists():
@@ -146,7 +146,6 @@ def run_steps(work: Path, steps: list[str], keep: bool, cold: bool, log: Path) -
             shutil.rmtree(original / "7B")  # nothing later reads it: bounds the disk used
         if not keep and step in ("merge_pth", "gguf", "merge_gguf"):
             shutil.rmtree(output) if output.is_dir() else output.unlink()  # nothing later reads it
-    return results
 
 
 def table(results: list[Result], inputs: Result | None) -> str:
@@ -175,19 +174,22 @@ def main() -> None:
     check_disk(work, 1 if args.smoke else MIN_FREE_GB_KEEP if args.keep else MIN_FREE_GB)
     work.mkdir(parents=True, exist_ok=True)
     log = work.parent / f"{work.name}.log"
-    started = time.time()
+    started, inputs, results = time.time(), None, []
     try:
-        inputs = None
         if not (work / "original" / "7B" / "params.json").is_file():
             print(f"[{time.strftime('%H:%M:%S')}] making random 7B inputs ...", flush=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--work_dir", str(work), "--make_inputs"]
             cmd += ["--smoke"] if args.smoke else []
             inputs = measure("make inputs", cmd, work, log)
             inputs.command = "(random 7B original + 2 LoRAs, tiny_models.py)"
-        results = run_steps(work, args.steps, args.keep, args.cold, log)
+        run_steps(work, args.steps, args.keep, args.cold, log, results)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+        report(results, inputs, started, log)
+
+
+def report(results: list[Result], inputs: Result | None, started: float, log: Path) -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {total_ram_gb():.0f} GB RAM; log: {log}")
     print(f"total {(time.time() - started) / 60:.1f} min\n")
     print(table(results, inputs))
