@@ -124,6 +124,7 @@ def make_tiny_original(
     import contextlib
     import json
 
+    from convert_llama_weights_to_hf import expected_shapes
     from llama_layout import meta_shard_dim
     from tensor_io import TensorInfo, TorchZipWriter
 
@@ -132,46 +133,35 @@ def make_tiny_original(
     weights.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(LLAMA_SP.read_bytes())
     vocab = len(load_tokenizer(out_dir))
-    shapes = original_shapes(vocab, dim, n_layers, dim // n_heads * (n_kv_heads or n_heads), multiple_of)
+    params = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers, "norm_eps": 1e-06}
+    if n_kv_heads:
+        params["n_kv_heads"] = n_kv_heads
+    shapes = expected_shapes(params, vocab)
+    heads = ("tok_embeddings.weight", "norm.weight", "output.weight")
+    order = [heads[0], *(n for n in shapes if n not in heads), *heads[1:]]  # the order random values are drawn in
 
     def pieces(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
         split_dim = meta_shard_dim(name)
         return [tensor] * n_shards if split_dim is None else list(tensor.chunk(n_shards, dim=split_dim))
 
     plans = [[] for _ in range(n_shards)]
-    for name, shape in shapes.items():
-        for plan, piece in zip(plans, pieces(name, torch.empty(shape, device="meta")), strict=True):
+    for name in order:
+        for plan, piece in zip(plans, pieces(name, torch.empty(shapes[name], device="meta")), strict=True):
             plan.append((name, TensorInfo(torch.float16, tuple(piece.shape))))
     gen = torch.Generator().manual_seed(seed)
     with contextlib.ExitStack() as stack:
         files = [weights / f"consolidated.{i:02d}.pth" for i in range(n_shards)]
         writers = [stack.enter_context(TorchZipWriter(f, p)) for f, p in zip(files, plans, strict=True)]
-        for name, shape in progress(shapes.items()):
+        for name in progress(order):
+            shape = shapes[name]
             if len(shape) == 1:  # norms near one: random values near zero would stop learning
                 tensor = (1 + _randn(gen, *shape, std=0.1).float()).half()
             else:
                 tensor = _randn(gen, *shape)
             for writer, piece in zip(writers, pieces(name, tensor), strict=True):
                 writer.write(name, piece)
-    params = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers, "norm_eps": 1e-06}
-    if n_kv_heads:
-        params["n_kv_heads"] = n_kv_heads
     (weights / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
     return out_dir
-
-
-def original_shapes(vocab: int, dim: int, n_layers: int, kv_dim: int, multiple_of: int) -> dict[str, tuple]:
-    """Meta's tensor names and full shapes, in the order make_tiny_original draws them."""
-    from llama_layout import llama_intermediate_size
-
-    inter = llama_intermediate_size(dim, multiple_of)
-    shapes = {"tok_embeddings.weight": (vocab, dim)}
-    for i in range(n_layers):
-        layer = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
-        layer |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
-        layer |= {"feed_forward.w3": (inter, dim), "attention_norm": (dim,), "ffn_norm": (dim,)}
-        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in layer.items()}
-    return shapes | {"norm.weight": (dim,), "output.weight": (vocab, dim)}
 
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
