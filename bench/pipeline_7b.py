@@ -11,8 +11,8 @@ Chinese-LLaMA-Plus-7B (r=8, alpha 32, 49953 rows) and Chinese-Alpaca-Plus-7B (r=
 49954 rows). Then runs the real commands, each as a child of this process (which never imports
 torch: Linux carries a parent's resident size into a forked child's ru_maxrss): convert to HF,
 merge both LoRAs to huggingface, merge to pth, export the merged HF model to GGUF, merge straight
-to GGUF. Per step:
-wall time, the child's peak RSS (os.wait4), bytes written, load average (the box may be shared).
+to GGUF (`--steps` picks some). Per step: wall time, the child's peak RSS (os.wait4), bytes
+written, load average (the box may be shared). Results: BENCHMARKS.md. Not part of the tests.
 Inputs just written sit in the page cache when RAM allows; --cold drops them first (fadvise).
 Outputs no later step needs are deleted as soon as they are measured, to bound the disk used.
 """
