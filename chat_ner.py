@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dataset import DataError, build_prompt, ner_row
-from io_utils import atomic_write_text
+from io_utils import atomic_write_text, run_cli
 from model_utils import generate_answers, load_model, load_tokenizer
 
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]
@@ -164,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

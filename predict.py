@@ -19,6 +19,7 @@ from typing import Any
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
 from inference import load_trained, resolve_config, row_prompt
+from io_utils import run_cli
 from metrics import score
 from model_utils import generate_answers
 
@@ -107,4 +108,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,7 +5,7 @@
     python test.py --dev_path=data/msra/instruct_data/dev.txt --eval_batch_size=32 --max_rows=200
 
 Writes test_predictions.jsonl (query, answer, prediction per row) and test_metrics.json
-(precision, recall, f1, per_type, n, ...) into save_dir.
+(precision, recall, f1, per_type, n, ...) into save_dir (or --output_dir).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any
 from config_utils import print_config
 from dataset import load_data
 from inference import adapter_dir, load_trained, resolve_config, row_prompt
-from io_utils import atomic_write_text
+from io_utils import atomic_write_text, run_cli
 from metrics import format_table, score
 from model_utils import generate_answers
 
 TEST_DEFAULTS = {
     "max_rows": 0,  # evaluate only the first N rows of dev_path; 0 = all
+    "output_dir": "",  # where test_predictions.jsonl and test_metrics.json go; '' = save_dir
 }
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = score([r[config.response_column] for r in rows], predictions)
     adapter = adapter_dir(config)
     metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
-    out_dir = Path(config.save_dir)
+    out_dir = Path(config.output_dir or config.save_dir)
     write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
     print(format_table(metrics))
     print(
@@ -68,4 +69,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
