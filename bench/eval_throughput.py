@@ -48,7 +48,8 @@ def main() -> None:
     rows = load_data(args.data)[: args.rows]
     prompts = [build_prompt(r["instruct"], r["query"]) for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
-        base = make_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+        geometry = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}
+        base = make_tiny_model(Path(tmp) / "tiny", **geometry)
         tokenizer = load_tokenizer(base)
         model = load_model(base, dtype="float32", device="cpu", tokenizer=tokenizer)
     generate_answers(model, tokenizer, prompts[:2], 2, 4, progress=False)  # warm-up
