@@ -24,7 +24,7 @@ EVAL_DEFAULTS = {
     "adapter_path": "",  # LoRA to apply: '' = {save_dir}/adapter_model; 'none' = model_dir is a merged model
     "tokenizer_path": "",  # '' = model_dir
     "eval_batch_size": 16,  # prompts generated together (left padding); 1 = one at a time
-    "max_new_tokens": 128,  # generation stops at </s> or after this many tokens
+    "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # '' = cuda when available, else cpu
 }
