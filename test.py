@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from config_utils import print_config
+from config_utils import ConfigError, print_config
 from dataset import load_data
 from inference import adapter_dir, load_trained, resolve_config, row_prompt
 from io_utils import atomic_write_text, run_cli
@@ -45,6 +45,8 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__)
     print_config(config)
+    if not config.dev_path:
+        raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
     columns = (config.instruct_column, config.response_column)
     rows = load_data(config.dev_path, columns)
     if config.max_rows > 0:

@@ -29,7 +29,7 @@ def train_args(base_dir: Path, save_dir: Path, dev_path: Path, **overrides: Any)
         "lora_r": 32,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
-        "target_modules": TARGET_MODULES,
+        "lora_target_modules": TARGET_MODULES,
         "max_seq_length": 256,
         "instruct_column": "instruct",
         "query_column": "query",
