@@ -4,8 +4,10 @@
     # save_dir/adapter_model/{adapter_config.json, adapter_model.safetensors, train_args.json}
 
 A plain torch loop (no Trainer) so the evaluation tests do not depend on the training
-scripts: LoRA r=32 on all 7 projections, lr 3e-3, no dropout, full batch; about 70 epochs
-make a 2-layer hidden-64 model answer 12 MSRA rows exactly under greedy decoding.
+scripts: LoRA r=32 on all 7 projections, lr 3e-3, no dropout, full batch. On a 2-layer
+hidden-64 model 80 epochs reproduce 12 MSRA rows under greedy decoding with a smallest
+teacher-forced logit margin of 0.09; 120 epochs raise it to 0.35, safe on other machines.
+(The loss stays near 9.6: the random lm_head keeps logits flat; only the argmax moves.)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def answer_loss(causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def train_memorized_lora(
-    base_dir: Path, rows: list[dict[str, Any]], save_dir: Path, dev_path: Path, epochs: int = 70, seed: int = 0
+    base_dir: Path, rows: list[dict[str, Any]], save_dir: Path, dev_path: Path, epochs: int = 120, seed: int = 0
 ) -> tuple[Path, list[float]]:
     """Fit a LoRA on `rows` (full batch) and save it with train_args.json; returns (save_dir, loss per epoch)."""
     from peft import LoraConfig, get_peft_model

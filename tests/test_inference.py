@@ -36,7 +36,7 @@ def memorized(tiny_alpaca, tmp_path_factory) -> dict:
     seen = write_rows(work / "seen.txt", rows[:12])
     unseen_rows = [r for r in rows[100:] if r["answer"] != "没有"][:12]
     unseen = write_rows(work / "unseen.txt", unseen_rows)
-    save_dir, losses = train_memorized_lora(tiny_alpaca, rows[:12], work / "run", seen, epochs=80)
+    save_dir, losses = train_memorized_lora(tiny_alpaca, rows[:12], work / "run", seen, epochs=120)
     assert losses[-1] < losses[0]
     return {
         "base": tiny_alpaca,
