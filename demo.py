@@ -145,7 +145,7 @@ def steps() -> list[tuple[str, list[str], str]]:
 
 def read_metrics(train_args: str) -> dict:
     args = json.loads(Path(train_args).read_text(encoding="utf-8"))
-    return json.loads((Path(args["save_dir"]) / "adapter_model/test_metrics.json").read_text(encoding="utf-8"))
+    return json.loads((Path(args["save_dir"]) / "test_metrics.json").read_text(encoding="utf-8"))
 
 
 def main() -> None:
