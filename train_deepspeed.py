@@ -28,6 +28,7 @@ from train_utils import (
     causal_lm_loss,
     check_inputs,
     deepspeed_config,
+    init_distributed,
     is_main_process,
     load_state,
     load_train_tokenizer,
@@ -45,14 +46,6 @@ DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"} 
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
 SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
 SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
-
-
-def init_distributed() -> None:
-    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=True)
 
 
 def make_loader(rows: list[dict], batch_size: int, collate: TrainCollate, shuffle: bool, seed: int) -> DataLoader:
@@ -88,6 +81,12 @@ def check_resume(state: dict, args: Config) -> None:
                 f"resume: {key} was {state['train_args'].get(key)!r} in the saved run, now {now.get(key)!r}; "
                 f"pass {key}={state['train_args'].get(key)} or start over with resume=false"
             )
+
+
+def log(message: str) -> None:
+    """Print on rank 0 without breaking the progress bar."""
+    if is_main_process():
+        tqdm.write(message)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -184,10 +183,10 @@ def main() -> None:
             if global_step % args.log_steps == 0 or global_step == total_steps:
                 loss_sum, count = mean_across_ranks([window_loss, window_batches], engine.device)
                 lr = engine.get_lr()[0]
-                bar.write(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.2e}")
+                log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.2e}")
                 window_loss, window_batches = 0.0, 0
             if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
-                bar.write(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
+                log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
             if global_step % args.save_steps == 0 and global_step < total_steps:
                 save(engine, args, {**run_state, "global_step": global_step})
     bar.close()

@@ -264,6 +264,14 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 # ----------------------------------------------------------------------------- distributed helpers
 
 
+def init_distributed() -> None:
+    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=True)
+
+
 def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
