@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from config_utils import Config, ConfigError
+from config_utils import Config, ConfigError, run_main
 from dataset import IGNORE_INDEX
 from train_utils import (
     TRAIN_DEFAULTS,
@@ -202,4 +202,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

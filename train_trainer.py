@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from config_utils import Config
+from config_utils import Config, run_main
 from train_utils import (
     TRAIN_DEFAULTS,
     TrainCollate,
@@ -137,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -269,7 +269,11 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=True)
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=True,
+        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),  # mpirun -x MASTER_PORT=... picks another
+    )
 
 
 def rank() -> int:
