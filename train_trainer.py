@@ -11,9 +11,11 @@ scheduler, data position) that `resume=true` continues from.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from config_utils import Config, run_main
@@ -97,6 +99,21 @@ def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -
     )
 
 
+def count_cpu_processes(training_args: TrainingArguments) -> None:
+    """Make accelerate see every DeepSpeed process on a CPU run.
+
+    accelerate picks its backend from CUDA; on DeepSpeed's CPU accelerator it finds none and
+    counts one process, so each rank would train on all the data and the dev-loss gather
+    fails. torch.distributed already knows the truth (gloo): copy it over.
+    """
+    state = training_args.distributed_state  # created by TrainingArguments on first use of .device
+    if torch.distributed.is_initialized() and state.num_processes != torch.distributed.get_world_size():
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+        state.backend = torch.distributed.get_backend()
+
+
 def last_checkpoint(save_dir: str | Path) -> str | None:
     """The newest save_dir/checkpoint-N the Trainer finished writing (trainer_state.json is its last file)."""
     done = [p for p in Path(save_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
@@ -112,6 +129,8 @@ def main() -> None:
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     ds = deepspeed_config(args, precision)
     training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))
+    _ = training_args.device  # sets up accelerate's process state
+    count_cpu_processes(training_args)
 
     tokenizer = load_train_tokenizer(args)
     model = build_model(args, tokenizer, precision)
