@@ -210,7 +210,7 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
     match_vocab(model, tokenizer)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.peft_path:
         model = PeftModel.from_pretrained(model, args.peft_path, is_trainable=True)
     else:

@@ -160,8 +160,12 @@ def greedy_answers(base_dir: Path, adapter_dir: Path, rows: list[dict]) -> list[
 # ----------------------------------------------------------------------------- unit tests
 
 
+def train_args(argv: list[str]):
+    return parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", argv)
+
+
 def collate_args(max_seq_length: int = 192):
-    return parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", [f"max_seq_length={max_seq_length}"])
+    return train_args([f"max_seq_length={max_seq_length}"])
 
 
 @pytest.mark.parametrize("max_seq_length", [192, 100])
@@ -340,3 +344,42 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     check_adapter(save_dir / "adapter_model", tiny_alpaca)
     tags = [p.name for p in (save_dir / "deepspeed_checkpoint").iterdir() if p.is_dir()]
     assert tags == ["global_step24"]  # older optimizer states are removed once superseded
+
+
+def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from train_utils import build_model
+
+    argv = [f"model_dir={model_dir}", "lora_dropout=0", *[f"{k}={v}" for k, v in overrides.items()]]
+    model = build_model(train_args(argv), load_tokenizer(model_dir), "fp32")
+    model.train()
+    loss = causal_lm_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_alpaca):
+    batch = TrainCollate(collate_args(), load_tokenizer(tiny_alpaca)).collate_fn(load_data(MSRA)[:3])
+    loss, grads = lora_grads(tiny_alpaca, batch)
+    loss_ckpt, grads_ckpt = lora_grads(tiny_alpaca, batch, gradient_checkpointing=True)
+    torch.testing.assert_close(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and any(g.abs().max() > 0 for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ckpt[name], rtol=1e-4, atol=1e-6)
+
+
+def test_peft_path_continues_training_an_existing_lora(tiny_alpaca, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train_utils import build_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    existing = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_alpaca), config)
+    existing.save_pretrained(tmp_path / "lora")
+    saved = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    argv = [f"model_dir={tiny_alpaca}", f"peft_path={tmp_path / 'lora'}", "lora_r=64"]  # lora_r: the LoRA's own wins
+    model = build_model(train_args(argv), load_tokenizer(tiny_alpaca), "fp32")
+    trainable = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == set(saved)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(trainable[name].detach(), tensor)
