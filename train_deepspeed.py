@@ -144,6 +144,7 @@ def main() -> None:
 
     model = build_model(args, tokenizer, precision)
     ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
+    args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
 
@@ -190,15 +191,11 @@ def main() -> None:
             if global_step % args.save_steps == 0 and global_step < total_steps:
                 save(engine, args, {**run_state, "global_step": global_step})
     bar.close()
+    save(engine, args, {**run_state, "global_step": global_step})
+    summary = f"done: {global_step} steps in {time.time() - start:.0f}s"
     if dev_rows:
-        final_dev = dev_loss(engine, dev_loader)
-    if global_step == total_steps:
-        save(engine, args, {**run_state, "global_step": global_step})
-    if is_main_process():
-        summary = f"done: {global_step} steps in {time.time() - start:.0f}s"
-        if dev_rows:
-            summary += f", dev loss {final_dev:.4f}"
-        print(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
+        summary += f", dev loss {dev_loss(engine, dev_loader):.4f}"  # every rank takes part
+    log(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
 
 
 if __name__ == "__main__":

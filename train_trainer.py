@@ -128,6 +128,7 @@ def main() -> None:
     print_run_config(args)
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     ds = deepspeed_config(args, precision)
+    args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
     training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))
     _ = training_args.device  # sets up accelerate's process state
     count_cpu_processes(training_args)
