@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, import_script
 from safetensors.torch import load_file
 
+from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from model_utils import load_model, load_tokenizer
 from tiny_models import make_tiny_model
