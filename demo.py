@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from io_utils import run_measured
+from train_utils import hard_train_argv
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -35,14 +36,18 @@ def build_inputs() -> None:
     """The files a user downloads, in their real layout, at tiny scale (random weights)."""
     from tiny_models import make_tiny_chinese_loras, make_tiny_original
 
-    make_tiny_original(TINY)
+    make_tiny_original(TINY, dim=128)  # hidden 128: room enough to memorize 16 answers quickly
     make_tiny_chinese_loras(TINY, TINY)
 
 
-def head_rows(src: Path, dst: Path, n: int) -> Path:
-    lines = src.read_text(encoding="utf-8").splitlines()[:n]
+def head_rows(src: Path, dst: Path, n: int, max_answer_chars: int = 0) -> Path:
+    """The first n rows of src (with an entity and a short answer, when max_answer_chars is set)."""
+    lines = src.read_text(encoding="utf-8").splitlines()
+    if max_answer_chars:
+        answers = [json.loads(line)["answer"] for line in lines]
+        lines = [line for line, a in zip(lines, answers, strict=True) if a != "没有" and len(a) <= max_answer_chars]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dst.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
     return dst
 
 
@@ -109,43 +114,25 @@ def steps() -> list[tuple[str, list[str], str]]:
         (
             "test",
             [PY, "test.py", f"--train_args_path={train_args}", f"--dev_path={dev_head}", "--max_new_tokens=32"],
-            f"{train_dir}/adapter_model",
+            f"{train_dir}/test_metrics.json",
         ),
         ("predict", [PY, "predict.py", f"--train_args_path={train_args}", "--max_new_tokens=32"], "stdout"),
         (
             "learning check: train",
-            [
-                PY,
-                "train_trainer.py",
-                "--data_name=demo_memorize",
-                f"--model_dir={merged}",
-                f"--train_path={memo_data}",
-                f"--dev_path={memo_data}",
-                f"--save_dir={memo_dir}",
-                "--lora_r=32",
-                "--lora_alpha=32",
-                "--lora_dropout=0.0",
-                "--learning_rate=3e-3",
-                "--num_train_epochs=80",
-                "--train_batch_size=16",
-                "--warmup_ratio=0",
-                "--save_steps=100000",
-                "--eval_steps=100000",
-                "--log_steps=20",
-            ],
+            [PY, "train_trainer.py", "data_name=demo_memorize", *hard_train_argv(merged, memo_data, memo_dir)],
             f"{memo_dir}/adapter_model",
         ),
         (
             "learning check: test",
             [PY, "test.py", f"--train_args_path={memo_args}", f"--dev_path={memo_data}"],
-            f"{memo_dir}/adapter_model",
+            f"{memo_dir}/test_metrics.json",
         ),
     ]
 
 
 def read_metrics(train_args: str) -> dict:
     args = json.loads(Path(train_args).read_text(encoding="utf-8"))
-    return json.loads((Path(args["save_dir"]) / "adapter_model/test_metrics.json").read_text(encoding="utf-8"))
+    return json.loads((Path(args["save_dir"]) / "test_metrics.json").read_text(encoding="utf-8"))
 
 
 def main() -> None:
@@ -158,7 +145,7 @@ def main() -> None:
         build_inputs()
         return
     shutil.rmtree(TINY, ignore_errors=True)
-    head_rows(ROOT / "tests/data/msra_dev_instruct.txt", DEMO_DATA / "memorize.txt", MEMORIZE_ROWS)
+    head_rows(ROOT / "tests/data/msra_dev_instruct.txt", DEMO_DATA / "memorize.txt", MEMORIZE_ROWS, 20)
     results = []
     for name, cmd, output in steps():
         if name == "test":

@@ -204,3 +204,55 @@ def load_model(
             raise ModelLoadError(f"{adapter_path}: no adapter_config.json; pass the adapter_model directory")
         model = PeftModel.from_pretrained(model, str(adapter_path))
     return model.to(device).eval()
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: LlamaSentencePieceTokenizer,
+    prompts: list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    progress: bool = True,
+    **gen_kwargs: Any,
+) -> list[str]:
+    """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
+
+    Prompts are tokenized as in training (BOS, no EOS), sorted by length so a batch holds
+    similar lengths, left-padded, and generated with the KV cache until `</s>` or
+    max_new_tokens. Only the generated tokens up to the first `</s>` are decoded.
+    """
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
+    answers: list[str] = [""] * len(prompts)
+    starts = range(0, len(order), max(1, batch_size))
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
+        index = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in index)
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in index], device=device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index], device=device
+        )
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                **settings,
+            )
+        for row, i in enumerate(index):
+            answers[i] = decode_new_tokens(tokenizer, output[row, width:].tolist())
+    return answers
+
+
+def decode_new_tokens(tokenizer: LlamaSentencePieceTokenizer, ids: list[int]) -> str:
+    """Text of generated ids up to (not including) the first `</s>`, stripped."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

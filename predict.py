@@ -1,0 +1,111 @@
+"""Predict entities for a few texts with a trained LoRA and print them beside the gold answers.
+
+    python predict.py                                     # the three built-in MSRA examples
+    python predict.py --predict_path=my_texts.txt         # plain text, one sentence per line
+    python predict.py --predict_path=data/msra/instruct_data/dev.txt --max_rows=5
+
+Loading is test.py's: train_args.json (--train_args_path=...) plus overrides. A
+--predict_path file is either instruction JSON lines ({"instruct", "query"[, "answer"]})
+or plain text, one sentence per line, which gets wrapped in the NER instruction.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from config_utils import print_config
+from dataset import DataError, load_data, ner_row
+from inference import load_trained, resolve_config, row_prompt
+from io_utils import run_cli
+from metrics import score
+from model_utils import generate_answers
+
+PREDICT_DEFAULTS = {
+    "predict_path": "",  # '' = the built-in examples; else instruction JSON lines or plain text lines
+    "max_rows": 0,  # predict only the first N rows; 0 = all
+}
+
+EXAMPLES = [
+    ner_row(
+        "我们是受到郑振铎先生、阿英先生著作的启示，从个人条件出发，瞄准现代出版史研究的空白，"
+        "重点集藏解放区、国民党毁禁出版物。",
+        "郑振铎_人名\n阿英_人名\n国民党_机构名",
+    ),
+    ner_row("去年，我们又被评为“北京市首届家庭藏书状元明星户”。", "北京市_地名"),
+    ner_row(
+        "藏书家、作家姜德明先生在1997年出版的书话专集《文林枝叶》中以“爱书的朋友”为题，"
+        "详细介绍了我们夫妇的藏品及三口之家以书为友、好乐清贫的逸闻趣事。",
+        "姜德明_人名",
+    ),
+]
+
+
+def is_json_lines(path: Path) -> bool:
+    """True when the first non-blank line is a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
+    """Rows to predict: the built-in examples, instruction JSON lines, or plain text lines."""
+    if not path:
+        names = {"instruct": config.instruct_column, "query": config.query_column, "answer": config.response_column}
+        return [{names[k]: v for k, v in r.items()} for r in EXAMPLES]
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: file not found; pass --predict_path=<JSON lines or one sentence per line>")
+    if is_json_lines(file):
+        return load_data(file, (config.instruct_column,))
+    rows = []
+    with open(file, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = ner_row(line.strip())
+                rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
+    if not rows:
+        raise DataError(f"{file}: no text; write one sentence per line")
+    return rows
+
+
+def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> None:
+    for row, pred in zip(rows, predictions, strict=True):
+        print("=" * 100)
+        text = row[config.instruct_column] + (row.get(config.query_column) or "")
+        print("文本 >>> ", json.dumps(text, ensure_ascii=False))
+        print("预测 >>> ", pred)
+        if config.response_column in row:
+            print("真实 >>> ", row[config.response_column])
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__)
+    print_config(config)
+    rows = read_rows(config.predict_path, config)
+    if config.max_rows > 0:
+        rows = rows[: config.max_rows]
+    model, tokenizer = load_trained(config)
+    prompts = [row_prompt(r, config) for r in rows]
+    predictions = generate_answers(model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens)
+    show(rows, predictions, config)
+    gold = [r.get(config.response_column) for r in rows]
+    summary = f"{len(rows)} texts predicted"
+    if all(g is not None for g in gold):
+        m = score(gold, predictions)
+        summary += f"; against the gold answers: precision {m['precision']:.4f} recall {m['recall']:.4f}"
+        summary += f" f1 {m['f1']:.4f}"
+    print("=" * 100)
+    print(summary)
+    return predictions
+
+
+if __name__ == "__main__":
+    run_cli(main)

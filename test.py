@@ -1,0 +1,74 @@
+"""Evaluate a trained LoRA: generate an answer for every dev row, score entity-level P/R/F1.
+
+    python test.py                  # reads checkpoint/msra/train_trainer/adapter_model/train_args.json
+    python test.py --train_args_path=checkpoint/msra/train_deepspeed/adapter_model/train_args.json
+    python test.py --dev_path=data/msra/instruct_data/dev.txt --eval_batch_size=32 --max_rows=200
+
+Writes test_predictions.jsonl (query, answer, prediction per row) and test_metrics.json
+(precision, recall, f1, per_type, n, ...) into save_dir (or --output_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from config_utils import ConfigError, print_config
+from dataset import load_data
+from inference import adapter_dir, load_trained, resolve_config, row_prompt
+from io_utils import atomic_write_text, run_cli
+from metrics import format_table, score
+from model_utils import generate_answers
+
+TEST_DEFAULTS = {
+    "max_rows": 0,  # evaluate only the first N rows of dev_path; 0 = all
+    "output_dir": "",  # where test_predictions.jsonl and test_metrics.json go; '' = save_dir
+}
+
+
+def prediction_records(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> list[dict[str, str]]:
+    return [
+        {"query": row.get(config.query_column) or "", "answer": row[config.response_column], "prediction": pred}
+        for row, pred in zip(rows, predictions, strict=True)
+    ]
+
+
+def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[str, Any]) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(out_dir / "test_predictions.jsonl", lines)
+    atomic_write_text(out_dir / "test_metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__)
+    print_config(config)
+    if not config.dev_path:
+        raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
+    columns = (config.instruct_column, config.response_column)
+    rows = load_data(config.dev_path, columns)
+    if config.max_rows > 0:
+        rows = rows[: config.max_rows]
+    model, tokenizer = load_trained(config)
+    start = time.perf_counter()
+    predictions = generate_answers(
+        model, tokenizer, [row_prompt(r, config) for r in rows], config.eval_batch_size, config.max_new_tokens
+    )
+    seconds = time.perf_counter() - start
+    metrics = score([r[config.response_column] for r in rows], predictions)
+    adapter = adapter_dir(config)
+    metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
+    out_dir = Path(config.output_dir or config.save_dir)
+    write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
+    print(format_table(metrics))
+    print(
+        f"{len(rows)} rows in {seconds:.1f}s ({len(rows) / seconds:.2f} rows/s); "
+        f"wrote {out_dir / 'test_predictions.jsonl'} and {out_dir / 'test_metrics.json'}"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

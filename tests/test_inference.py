@@ -1,0 +1,306 @@
+"""Generation, test.py, predict.py and chat_ner.py on a LoRA that memorized 12 MSRA rows.
+
+The metric must not be vacuous: the memorized rows score F1 >= 0.9, unseen rows score low.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, import_script
+from dataset import build_prompt, load_data
+from io_utils import UserError
+from memorize import train_memorized_lora
+from model_utils import generate_answers, load_model, load_tokenizer
+
+MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def memorized(tiny_alpaca, tmp_path_factory) -> dict:
+    """A LoRA trained hard on 12 rows (saved like training does), plus 12 unseen rows with entities."""
+    work = tmp_path_factory.mktemp("memorized")
+    rows = load_data(MSRA)
+    seen = write_rows(work / "seen.txt", rows[:12])
+    unseen_rows = [r for r in rows[100:] if r["answer"] != "没有"][:12]
+    unseen = write_rows(work / "unseen.txt", unseen_rows)
+    save_dir, losses = train_memorized_lora(tiny_alpaca, rows[:12], work / "run", seen, epochs=120)
+    assert losses[-1] < losses[0]
+    return {
+        "base": tiny_alpaca,
+        "save_dir": save_dir,
+        "train_args": save_dir / "adapter_model" / "train_args.json",
+        "seen": seen,
+        "unseen": unseen,
+        "seen_rows": rows[:12],
+        "unseen_rows": unseen_rows,
+    }
+
+
+@pytest.fixture(scope="session")
+def memorized_model(memorized):
+    tokenizer = load_tokenizer(memorized["base"])
+    model = load_model(memorized["base"], memorized["save_dir"] / "adapter_model", "float32", "cpu", tokenizer)
+    return model, tokenizer
+
+
+def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def recount(records: list[dict]) -> tuple[int, int, int]:
+    """tp, fp, fn recounted from test_predictions.jsonl, independently of metrics.py."""
+    pattern = re.compile(r"^\s*(.+?)\s*_\s*([^_\n]+?)\s*$", re.M)
+    tp = fp = fn = 0
+    for r in records:
+        gold, pred = set(pattern.findall(r["answer"])), set(pattern.findall(r["prediction"]))
+        tp, fp, fn = tp + len(gold & pred), fp + len(pred - gold), fn + len(gold - pred)
+    return tp, fp, fn
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"^(config |data )?error: ", last), last
+    for needle in needles:
+        assert needle in last, last
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding the slow, obvious way: full forward pass per token, no cache, no padding."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    new = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
+            token = int(logits.argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_generate_matches_uncached_reference(memorized, memorized_model):
+    model, tokenizer = memorized_model
+    rows = [memorized["seen_rows"][0], memorized["unseen_rows"][0]]
+    prompts = [build_prompt(r["instruct"], r["query"]) for r in rows]
+    got = generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=20, progress=False)
+    assert got == [reference_greedy(model, tokenizer, p, 20) for p in prompts]
+    assert got[0] == rows[0]["answer"]
+
+
+def test_batch_16_equals_batch_1(memorized, memorized_model):
+    model, tokenizer = memorized_model
+    rows = memorized["seen_rows"] + memorized["unseen_rows"][:4]
+    prompts = [build_prompt(r["instruct"], r["query"]) for r in rows]
+    lengths = {len(tokenizer.encode(p)) for p in prompts}
+    assert len(lengths) > 8  # left padding really happens
+    batched = generate_answers(model, tokenizer, prompts, batch_size=16, max_new_tokens=64, progress=False)
+    single = generate_answers(model, tokenizer, prompts, batch_size=1, max_new_tokens=64, progress=False)
+    assert batched == single
+    assert batched[:12] == [r["answer"] for r in memorized["seen_rows"]]
+
+
+# ---- test.py --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_test_py_scores_memorized_rows_high(memorized):
+    proc = run_script("test.py", f"--train_args_path={memorized['train_args']}", "--eval_batch_size=5")
+    assert proc.returncode == 0, proc.stderr
+    save_dir = memorized["save_dir"]
+    metrics = json.loads((save_dir / "test_metrics.json").read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in (save_dir / "test_predictions.jsonl").read_text("utf-8").splitlines()]
+    assert metrics["f1"] >= 0.9
+    assert metrics["n"] == len(records) == 12
+    assert [r["query"] for r in records] == [r["query"] for r in memorized["seen_rows"]]
+    assert [r["answer"] for r in records] == [r["answer"] for r in memorized["seen_rows"]]
+    tp, fp, fn = recount(records)
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == (tp, fp, fn)
+    assert metrics["precision"] == pytest.approx(tp / (tp + fp))
+    assert metrics["recall"] == pytest.approx(tp / (tp + fn))
+    assert set(metrics["per_type"]) >= {"人名", "地名", "机构名"}
+    assert "micro" in proc.stdout and f"{metrics['f1']:.4f}" in proc.stdout
+
+
+def test_test_py_scores_unseen_rows_low(memorized, tmp_path):
+    test_script = import_script("test")
+    metrics = test_script.main(
+        [
+            f"--train_args_path={memorized['train_args']}",
+            f"--dev_path={memorized['unseen']}",
+            f"--output_dir={tmp_path}",
+            "--max_new_tokens=32",
+        ]
+    )
+    assert metrics["f1"] < 0.3
+    records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text("utf-8").splitlines()]
+    assert recount(records) == (metrics["tp"], metrics["fp"], metrics["fn"])
+    assert json.loads((tmp_path / "test_metrics.json").read_text("utf-8"))["f1"] == metrics["f1"]
+
+
+def test_test_py_merged_model_without_adapter(memorized, tmp_path):
+    """adapter_path=none evaluates model_dir alone: the random base knows nothing."""
+    metrics = import_script("test").main(
+        [
+            f"--train_args_path={memorized['train_args']}",
+            "--adapter_path=none",
+            f"--output_dir={tmp_path}",
+            "--max_new_tokens=8",
+            "--max_rows=4",
+        ]
+    )
+    assert metrics["n"] == 4 and metrics["f1"] < 0.3
+
+
+def test_test_py_missing_train_args(tmp_path):
+    proc = run_script("test.py", f"--train_args_path={tmp_path / 'nowhere' / 'train_args.json'}")
+    assert_one_line_error(proc, "train_args.json not found")
+
+
+def test_test_py_missing_adapter(memorized, tmp_path):
+    proc = run_script(
+        "test.py",
+        f"--train_args_path={memorized['train_args']}",
+        f"--adapter_path={tmp_path / 'no_adapter'}",
+        f"--output_dir={tmp_path}",
+    )
+    assert_one_line_error(proc, "no_adapter", "adapter_config.json")
+    assert not (tmp_path / "test_metrics.json").exists()
+
+
+def test_test_py_bad_data_line(memorized, tmp_path):
+    lines = memorized["seen"].read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "dev.txt"
+    bad.write_text("\n".join([lines[0], lines[1], '{"instruct": "x", "answer": ', lines[2]]) + "\n", encoding="utf-8")
+    proc = run_script(
+        "test.py", f"--train_args_path={memorized['train_args']}", f"--dev_path={bad}", f"--output_dir={tmp_path}"
+    )
+    assert_one_line_error(proc, f"{bad}:3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.txt"]
+
+
+def test_test_py_unknown_key(memorized):
+    with pytest.raises(UserError, match="eval_batch_size"):
+        import_script("test").main([f"--train_args_path={memorized['train_args']}", "--eval_batchsize=4"])
+
+
+# ---- predict.py -----------------------------------------------------------------------------
+
+
+def test_predict_plain_text_and_json_lines(memorized, tmp_path, capsys):
+    predict = import_script("predict")
+    texts = [r["query"].removeprefix("文本：") for r in memorized["seen_rows"][:3]]
+    plain = tmp_path / "texts.txt"
+    plain.write_text("\n".join(texts) + "\n\n", encoding="utf-8")
+    args = [f"--train_args_path={memorized['train_args']}", "--max_new_tokens=64"]
+    assert predict.main([*args, f"--predict_path={plain}"]) == [r["answer"] for r in memorized["seen_rows"][:3]]
+    out = capsys.readouterr().out
+    assert out.count("文本 >>> ") == 3 and out.count("预测 >>> ") == 3 and "真实 >>> " not in out
+    predictions = predict.main([*args, f"--predict_path={memorized['seen']}", "--max_rows=2"])
+    out = capsys.readouterr().out
+    assert predictions == [r["answer"] for r in memorized["seen_rows"][:2]]
+    assert out.count("真实 >>> ") == 2 and "f1 1.0000" in out
+
+
+def test_predict_builtin_examples(memorized, capsys):
+    predictions = import_script("predict").main([f"--train_args_path={memorized['train_args']}"])
+    assert len(predictions) == 3
+    assert capsys.readouterr().out.count("真实 >>> ") == 3
+
+
+def test_predict_bad_json_line(memorized, tmp_path):
+    bad = tmp_path / "rows.txt"
+    bad.write_text('{"instruct": "a", "query": "b"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{bad}:2")):
+        import_script("predict").main([f"--train_args_path={memorized['train_args']}", f"--predict_path={bad}"])
+
+
+# ---- chat_ner.py ----------------------------------------------------------------------------
+
+
+def chat_args(memorized, *extra: str) -> list[str]:
+    return [
+        "chat_ner.py",
+        "--base_model",
+        str(memorized["base"]),
+        "--lora_model",
+        str(memorized["save_dir"] / "adapter_model"),
+        "--only_cpu",
+        "--ner",
+        "--temperature",
+        "0",
+        "--repetition_penalty",
+        "1.0",
+        "--max_new_tokens",
+        "64",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["\n\n", ""], ids=["empty-line", "eof"])
+def test_chat_interactive_stdin(memorized, ending):
+    rows = memorized["seen_rows"][:2]
+    stdin = "\n".join(r["query"].removeprefix("文本：") for r in rows) + ending
+    proc = run_script(*chat_args(memorized, "--interactive"), stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    responses = re.findall(r"Response:  (.*?)\n\n\n", proc.stdout, re.S)
+    assert responses == [r["answer"] for r in rows]
+
+
+@pytest.mark.slow
+def test_chat_data_file_writes_predictions(memorized, tmp_path):
+    rows = memorized["seen_rows"][:3]
+    data = tmp_path / "inputs.txt"
+    data.write_text("\n".join(r["query"].removeprefix("文本：") for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out" / "predictions.json"
+    proc = run_script(*chat_args(memorized, "--data_file", str(data), "--predictions_file", str(out)))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["Output"] for r in results] == [r["answer"] for r in rows]
+    assert results[0]["Input"] == build_prompt(rows[0]["instruct"], rows[0]["query"])
+    settings = json.loads((out.parent / "generation_config.json").read_text(encoding="utf-8"))
+    assert settings["do_sample"] is False and settings["max_new_tokens"] == 64
+
+
+def test_chat_tokenizer_smaller_than_model(memorized, chinese_tokenizer_dir):
+    proc = run_script(*chat_args(memorized, "--tokenizer_path", str(chinese_tokenizer_dir)), stdin="")
+    assert_one_line_error(proc, "49953", "49954")
+
+
+def test_chat_missing_data_file(memorized, tmp_path):
+    proc = run_script(*chat_args(memorized, "--data_file", str(tmp_path / "none.txt")))
+    assert_one_line_error(proc, "none.txt")
+
+
+def test_chat_grows_embeddings_to_a_larger_tokenizer(tmp_path, alpaca_tokenizer_dir, monkeypatch, capsys):
+    from tiny_models import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "tiny-chinese", "chinese")  # 49953 rows; Alpaca's tokenizer has 49954
+    data = tmp_path / "inputs.txt"
+    data.write_text("你好\n", encoding="utf-8")
+    out = tmp_path / "predictions.json"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    argv = ["--base_model", str(base), "--tokenizer_path", str(alpaca_tokenizer_dir), "--only_cpu", "--with_prompt"]
+    argv += ["--data_file", str(data), "--predictions_file", str(out), "--max_new_tokens", "4"]
+    import_script("chat_ner").main(argv)
+    assert "resizing embeddings 49953 -> 49954" in capsys.readouterr().out
+    assert len(json.loads(out.read_text(encoding="utf-8"))) == 1

@@ -1,0 +1,390 @@
+"""Training: the loss against the model's own, config/data errors, and real multi-process runs.
+
+The end-to-end runs use real DeepSpeed (CPU, gloo), real `deepspeed`, `mpirun` and tiny random
+models with the real 49954-token tokenizer. DeepSpeed JIT-compiles its CPU ops on first use
+(~90 s, cached in ~/.cache/torch_extensions): a module fixture starts that at once in the
+background, while the unit tests run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, import_script
+from dataset import IGNORE_INDEX, NerCollate, load_data
+from model_utils import load_model, load_tokenizer
+from tiny_models import make_tiny_model
+from train_utils import (
+    LORA_TARGETS,
+    TRAIN_DEFAULTS,
+    TrainCollate,
+    causal_lm_loss,
+    deepspeed_config,
+    hard_train_argv,
+    parse_train_args,
+    resolve_precision,
+)
+
+# One interpreter path for every run: DeepSpeed's JIT cache is keyed on the include paths, so a
+# symlinked venv would rebuild the ops each time the path changes.
+VENV_BIN = Path(sys.prefix).resolve() / "bin"
+PYTHON = str(VENV_BIN / "python")
+DS_JSON = str(ROOT / "deepspeed.json")
+MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
+TRAIN_ARGS_KEYS = ["model_dir", "save_dir", "data_name", "max_seq_length", "instruct_column", "query_column"]
+TRAIN_ARGS_KEYS += ["response_column", "dev_path", "train_batch_size", "lora_r", "lora_alpha", "lora_target_modules"]
+
+BUILD_OPS = (
+    "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, FusedAdamBuilder, ShareMemCommBuilder\n"
+    "for b in (CPUAdamBuilder, FusedAdamBuilder, ShareMemCommBuilder): b().load()\n"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deepspeed_ops():
+    """Compile (or load) DeepSpeed's CPU ops in the background from the first test on."""
+    proc = subprocess.Popen([PYTHON, "-c", BUILD_OPS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture
+def ops_ready(deepspeed_ops):
+    _, err = deepspeed_ops.communicate(timeout=600)
+    assert deepspeed_ops.returncode == 0, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory) -> Path:
+    """2 layers, hidden 128: enough room in the logits for a LoRA to memorize 12 answers."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", "alpaca", hidden_size=128)
+
+
+@pytest.fixture(scope="module")
+def rows12(tmp_path_factory) -> Path:
+    """12 MSRA dev rows: 10 with short entity answers, 2 without entities."""
+    rows = load_data(MSRA)
+    short = [r for r in rows if r["answer"] != "没有" and 4 <= len(r["answer"]) <= 20 and len(r["query"]) <= 60]
+    empty = [r for r in rows if r["answer"] == "没有" and len(r["query"]) <= 60]
+    path = tmp_path_factory.mktemp("rows") / "rows12.txt"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short[:10] + empty[:2]), "utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 600) -> str:
+    """Run a training command from the repo root; fail with its output's tail."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd[:4])}... exit {proc.returncode}\n{out[-4000:]}"
+    return out
+
+
+def deepspeed_cmd(script: str, n: int = 2) -> list[str]:
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), script]
+
+
+# ----------------------------------------------------------------------------- adapter checks
+
+
+def check_adapter(adapter_dir: Path, base_dir: Path, layers: int = 2, targets: list[str] = LORA_TARGETS) -> dict:
+    """The saved adapter is a real, trained LoRA: every LoRA tensor, no base weights, B not zero."""
+    names = {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= names, names
+    assert not names & {"model.safetensors", "pytorch_model.bin", "adapter_model.bin"}, names
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    expected = {
+        f"base_model.model.model.layers.{i}.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}.lora_{ab}.weight"
+        for i in range(layers)
+        for t in targets
+        for ab in "AB"
+    }
+    assert set(weights) == expected  # nothing missing (ZeRO-3 partitions) and no base/full-model weights
+    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert size > sum(w.numel() * w.element_size() for w in weights.values())  # not a few hundred bytes
+    for name, tensor in weights.items():
+        assert tensor.numel() > 0 and torch.isfinite(tensor).all(), name
+        if ".lora_B." in name:
+            assert tensor.abs().max() > 0, f"{name} is still zero: the adapter was saved untrained"
+    train_args = json.loads((adapter_dir / "train_args.json").read_text("utf-8"))
+    assert all(key in train_args for key in TRAIN_ARGS_KEYS), sorted(set(TRAIN_ARGS_KEYS) - set(train_args))
+    return weights
+
+
+def logits_change(base_dir: Path, adapter_dir: Path) -> None:
+    """Base + adapter (loaded by peft) gives other logits than the base, and B @ A matches the saved tensors."""
+    ids = torch.tensor([[1, 29871, 30662, 30675, 2]])
+    base = load_model(base_dir, device="cpu", dtype="float32")
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    tuned = load_model(base_dir, adapter_path=adapter_dir, device="cpu", dtype="float32")
+    with torch.no_grad():
+        tuned_logits = tuned(ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    live = tuned.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    torch.testing.assert_close(live, saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+def greedy_answers(base_dir: Path, adapter_dir: Path, rows: list[dict]) -> list[str]:
+    from dataset import build_prompt
+
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir, adapter_path=adapter_dir, device="cpu", dtype="float32")
+    answers = []
+    for row in rows:
+        ids = tokenizer(build_prompt(row["instruct"], row["query"]), return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=2, pad_token_id=0)
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def train_args(argv: list[str]):
+    return parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", argv)
+
+
+def collate_args(max_seq_length: int = 192):
+    return train_args([f"max_seq_length={max_seq_length}"])
+
+
+@pytest.mark.parametrize("max_seq_length", [192, 100])
+def test_label_only_loss_equals_the_models_own_loss_row_by_row(tiny_alpaca, max_seq_length):
+    tokenizer = load_tokenizer(tiny_alpaca)
+    model = load_model(tiny_alpaca, device="cpu", dtype="float32")
+    rows = load_data(MSRA)[:6]
+    args = collate_args(max_seq_length)
+    batch = TrainCollate(args, tokenizer).collate_fn(rows)
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left-aligned: every row ends at the last column
+    with torch.no_grad():
+        ours = causal_lm_loss(model, batch)
+        total, count = 0.0, 0
+        for row in rows:  # reference: the model's own loss on each unpadded row, token-weighted
+            ids, labels = NerCollate(args, tokenizer).encode(row)
+            n = sum(label != IGNORE_INDEX for label in labels[1:])
+            total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            count += n
+        right_padded = NerCollate(args, tokenizer).collate_fn(rows)
+        full = model(**right_padded).loss
+    torch.testing.assert_close(ours, torch.tensor(total / count), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_lm_loss(model, right_padded), full, rtol=1e-5, atol=1e-5)
+
+
+def test_deepspeed_config_is_filled_from_the_config(tmp_path):
+    base = {**TRAIN_DEFAULTS, "save_dir": "x", "deepspeed_json_path": DS_JSON}
+    args = parse_train_args(base, "", ["train_batch_size=3", "gradient_accumulation_steps=2", "max_grad_norm=0.5"])
+    ds = deepspeed_config(args, "fp32")
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 1e-5  # learning_rate=None: the file's
+    assert ds["fp16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 1
+    assert "auto" not in json.dumps(ds)
+    args = parse_train_args(base, "", ["learning_rate=3e-3", "zero_stage=3"])
+    ds = deepspeed_config(args, "fp16")
+    assert ds["optimizer"]["params"]["lr"] == 3e-3 and ds["fp16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert resolve_precision({"fp16": {"enabled": True}}, cuda=False) == "fp32"
+    assert resolve_precision({"fp16": {"enabled": True}}, cuda=True) == "fp16"
+    assert resolve_precision({"bf16": {"enabled": True}}, cuda=False) == "bf16"
+    auto_lr = tmp_path / "ds.json"
+    auto_lr.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": "auto"}}}))
+    with pytest.raises(SystemExit, match="pass learning_rate"):
+        deepspeed_config(parse_train_args({**base, "deepspeed_json_path": str(auto_lr)}, "", []), "fp32")
+
+
+def test_hard_train_argv_parses():
+    argv = hard_train_argv("m", "t.txt", "out", train_batch_size=2)
+    args = parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", argv)
+    assert args.train_batch_size == 2 and args.learning_rate == 3e-3 and args.dev_path == ""
+    assert args.lora_target_modules == LORA_TARGETS
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    good = tmp_path / "good.txt"
+    good.write_text(MSRA.read_text("utf-8").splitlines()[0] + "\n", "utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", "utf-8")
+    bad_line = tmp_path / "bad.txt"
+    bad_line.write_text(good.read_text("utf-8") + '{"instruct": "x", \n', "utf-8")
+    no_answer = tmp_path / "no_answer.txt"
+    no_answer.write_text('{"instruct": "x", "query": "y"}\n', "utf-8")
+    return {
+        "unknown key": (["lora_rank=8"], "unknown key 'lora_rank'; did you mean"),
+        "missing file": ([f"train_path={tmp_path / 'nope.txt'}"], "nope.txt: file not found"),
+        "empty file": ([f"train_path={empty}"], "empty.txt: no rows"),
+        "bad JSON line": ([f"train_path={bad_line}"], "bad.txt:2: not valid JSON"),
+        "missing column": ([f"dev_path={no_answer}", f"train_path={good}"], "no_answer.txt:1: missing column 'answer'"),
+        "bad type": (["lora_r=eight"], "lora_r='eight' is not an int"),
+        "no model": ([f"train_path={good}", "dev_path=", f"model_dir={tmp_path}"], "no config.json"),
+    }
+
+
+@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
+@pytest.mark.parametrize(
+    "case", ["unknown key", "missing file", "empty file", "bad JSON line", "missing column", "bad type", "no model"]
+)
+def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, script, case):
+    module = import_script(script)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("got past the input checks")
+
+    monkeypatch.setattr(module, "init_distributed", must_not_run)
+    monkeypatch.setattr(module, "build_model", must_not_run)
+    argv, message = bad_inputs(tmp_path)[case]
+    argv = [f"model_dir={tiny_alpaca}", f"save_dir={tmp_path / 'out'}", f"deepspeed_json_path={DS_JSON}", *argv]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as err:
+        module.main()
+    assert err.value.code == 2 and message in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_key_is_one_line_and_exit_2():
+    proc = subprocess.run([PYTHON, "train_trainer.py", "lora_rr=4"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: unknown key 'lora_rr'; did you mean lora_r"), proc.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_zero3_memorizes_12_rows(ops_ready, tiny128, rows12, tmp_path):
+    """deepspeed --num_gpus 2, ZeRO-3 (partitioned parameters): the gathered adapter reproduces the answers."""
+    save_dir = tmp_path / "run"
+    argv = hard_train_argv(tiny128, rows12, save_dir, train_batch_size=2, num_train_epochs=50, zero_stage=3)
+    out = run([*deepspeed_cmd("train_deepspeed.py"), *argv, f"deepspeed_json_path={DS_JSON}"])
+    assert "step 150/150" in out and "done: 150 steps" in out
+    adapter = save_dir / "adapter_model"
+    check_adapter(adapter, tiny128)
+    logits_change(tiny128, adapter)
+    state = json.loads((adapter / "trainer_state.json").read_text())
+    assert state["global_step"] == 150 and state["train_args"]["world_size"] == 2
+    rows = load_data(rows12)
+    assert greedy_answers(tiny128, adapter, rows) == [r["answer"] for r in rows]
+
+
+@pytest.mark.slow
+def test_trainer_two_ranks_saves_the_trained_adapter(ops_ready, tiny_alpaca, rows12, tmp_path):
+    """deepspeed --num_gpus 2 train_trainer.py: our adapter equals the Trainer's own checkpoint copy."""
+    save_dir = tmp_path / "run"
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", f"dev_path={rows12}", f"save_dir={save_dir}"]
+    argv += ["train_batch_size=2", "num_train_epochs=2", "save_steps=3", "eval_steps=3", "learning_rate=1e-3"]
+    out = run([*deepspeed_cmd("train_trainer.py"), *argv, f"deepspeed_json_path={DS_JSON}", "lora_dropout=0"])
+    assert "done: 6 steps" in out and "eval_loss" in out
+    adapter = save_dir / "adapter_model"
+    weights = check_adapter(adapter, tiny_alpaca)
+    logits_change(tiny_alpaca, adapter)
+    hf_copy = load_file(save_dir / "checkpoint-6" / "adapter_model.safetensors")
+    assert set(hf_copy) == set(weights)
+    for name in weights:
+        torch.testing.assert_close(weights[name], hf_copy[name])
+    train_args = json.loads((adapter / "train_args.json").read_text())
+    assert train_args["save_dir"] == str(save_dir) and train_args["lora_r"] == 8
+
+
+@pytest.mark.slow
+def test_deepspeed_under_mpirun_zero2(ops_ready, tiny_alpaca, rows12, tmp_path):
+    save_dir = tmp_path / "run"
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", f"MASTER_PORT={free_port()}"]
+    cmd += [PYTHON, "train_deepspeed.py", f"model_dir={tiny_alpaca}", f"train_path={rows12}", f"dev_path={rows12}"]
+    cmd += [f"save_dir={save_dir}", "train_batch_size=2", "num_train_epochs=1", "zero_stage=2", "learning_rate=1e-3"]
+    cmd += ["eval_steps=3", "log_steps=1", f"deepspeed_json_path={DS_JSON}"]
+    out = run(cmd)
+    assert "step 3/3" in out and "dev loss" in out
+    adapter = save_dir / "adapter_model"
+    check_adapter(adapter, tiny_alpaca)
+    state = json.loads((adapter / "trainer_state.json").read_text())
+    assert state["train_args"]["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_deepspeed", "train_trainer"])
+def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, tmp_path, script):
+    save_dir = tmp_path / "run"
+    argv = [PYTHON, f"{script}.py", f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path="]
+    argv += [f"save_dir={save_dir}", "train_batch_size=2", "num_train_epochs=4", "save_steps=4", "log_steps=1"]
+    argv += [f"deepspeed_json_path={DS_JSON}", "learning_rate=1e-3"]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state_file = save_dir / "adapter_model" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, right after its first save
+    proc.wait()
+    log.close()
+    saved = json.loads(state_file.read_text())
+    assert 4 <= saved["global_step"] < 24, saved
+    out = run([*argv, "resume=true"])
+    if script == "train_deepspeed":
+        assert f"at step {saved['global_step']}/24" in out
+        tags = [p.name for p in (save_dir / "deepspeed_checkpoint").iterdir() if p.is_dir()]
+        assert tags == ["global_step24"]  # older optimizer states are removed once superseded
+    else:
+        assert f"resuming from {save_dir / 'checkpoint-'}" in out
+    assert "done: 24 steps" in out
+    assert json.loads(state_file.read_text())["global_step"] == 24
+    check_adapter(save_dir / "adapter_model", tiny_alpaca)
+
+
+def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from train_utils import build_model
+
+    argv = [f"model_dir={model_dir}", "lora_dropout=0", *[f"{k}={v}" for k, v in overrides.items()]]
+    model = build_model(train_args(argv), load_tokenizer(model_dir), "fp32")
+    model.train()
+    loss = causal_lm_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_alpaca):
+    batch = TrainCollate(collate_args(), load_tokenizer(tiny_alpaca)).collate_fn(load_data(MSRA)[:3])
+    loss, grads = lora_grads(tiny_alpaca, batch)
+    loss_ckpt, grads_ckpt = lora_grads(tiny_alpaca, batch, gradient_checkpointing=True)
+    torch.testing.assert_close(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and any(g.abs().max() > 0 for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ckpt[name], rtol=1e-4, atol=1e-6)
+
+
+def test_peft_path_continues_training_an_existing_lora(tiny_alpaca, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train_utils import build_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    existing = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_alpaca), config)
+    existing.save_pretrained(tmp_path / "lora")
+    saved = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    argv = [f"model_dir={tiny_alpaca}", f"peft_path={tmp_path / 'lora'}", "lora_r=64"]  # lora_r: the LoRA's own wins
+    model = build_model(train_args(argv), load_tokenizer(tiny_alpaca), "fp32")
+    trainable = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == set(saved)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(trainable[name].detach(), tensor)

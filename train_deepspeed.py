@@ -1,0 +1,202 @@
+"""LoRA fine-tuning with a plain DeepSpeed loop (deepspeed.initialize, backward, step).
+
+    deepspeed --num_gpus 1 train_deepspeed.py
+    deepspeed --num_gpus 2 train_deepspeed.py zero_stage=3 num_train_epochs=2
+    mpirun --allow-run-as-root --oversubscribe -np 2 python train_deepspeed.py resume=true
+
+Saves save_dir/adapter_model (PEFT adapter + train_args.json) every save_steps optimizer
+steps and at the end; save_dir/deepspeed_checkpoint holds the optimizer state that
+`resume=true` continues from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from config_utils import Config, ConfigError, run_main
+from dataset import IGNORE_INDEX
+from train_utils import (
+    TRAIN_DEFAULTS,
+    TrainCollate,
+    build_model,
+    causal_lm_loss,
+    check_inputs,
+    deepspeed_config,
+    init_distributed,
+    is_main_process,
+    load_state,
+    load_train_tokenizer,
+    parse_train_args,
+    print_run_config,
+    rank,
+    read_deepspeed_json,
+    remove_old_checkpoints,
+    resolve_precision,
+    save_adapter,
+    world_size,
+)
+
+DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
+CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
+SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
+SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
+
+
+def make_loader(rows: list[dict], batch_size: int, collate: TrainCollate, shuffle: bool, seed: int) -> DataLoader:
+    sampler = DistributedSampler(rows, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
+    return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate.collate_fn)
+
+
+def add_scheduler(ds: dict, total_steps: int, warmup_ratio: float) -> dict:
+    """Linear warmup then linear decay to 0 over the run, unless deepspeed.json names a scheduler."""
+    lr = ds["optimizer"]["params"]["lr"]
+    ds.setdefault(
+        "scheduler",
+        {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": max(1, math.ceil(warmup_ratio * total_steps)),  # DeepSpeed needs >= 1
+                "warmup_type": "linear",
+            },
+        },
+    )
+    return ds
+
+
+def check_resume(state: dict, args: Config) -> None:
+    """A resumed run must see the same model, data order and process count as the saved one."""
+    now = {**args.to_dict(), "world_size": world_size()}
+    for key in SAME_FOR_RESUME:
+        if state["train_args"].get(key) != now.get(key):
+            raise ConfigError(
+                f"resume: {key} was {state['train_args'].get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"pass {key}={state['train_args'].get(key)} or start over with resume=false"
+            )
+
+
+def log(message: str) -> None:
+    """Print on rank 0 without breaking the progress bar."""
+    if is_main_process():
+        tqdm.write(message)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return totals.tolist()
+
+
+def dev_loss(engine, loader: DataLoader) -> float:
+    """Token-weighted dev loss over every rank's share of the dev rows."""
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += causal_lm_loss(engine, to_device(batch, engine.device)).item() * count
+            tokens += count
+    engine.train()
+    loss_sum, tokens = mean_across_ranks([loss_sum, tokens], engine.device)
+    return loss_sum / max(tokens, 1)
+
+
+def save(engine, args: Config, state: dict) -> None:
+    """Optimizer state first, then the adapter that names it: a kill between the two keeps the old pair."""
+    checkpoints = Path(args.save_dir) / CHECKPOINT_DIR
+    tag = f"global_step{state['global_step']}"
+    engine.save_checkpoint(str(checkpoints), tag=tag, exclude_frozen_parameters=True)
+    save_adapter(engine.module, args.save_dir, args, {**state, "tag": tag})
+    remove_old_checkpoints(checkpoints, keep=tag)
+
+
+def main() -> None:
+    args = parse_train_args(DEFAULTS, __doc__)
+    train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    init_distributed()
+    import deepspeed
+
+    print_run_config(args)
+    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
+    tokenizer = load_train_tokenizer(args)
+    collate = TrainCollate(args, tokenizer)
+    train_loader = make_loader(train_rows, args.train_batch_size, collate, shuffle=True, seed=args.seed)
+    dev_loader = make_loader(dev_rows, args.eval_batch_size, collate, shuffle=False, seed=args.seed)
+    batches_per_epoch = len(train_loader)
+    total_steps = batches_per_epoch * args.num_train_epochs // args.gradient_accumulation_steps
+    if total_steps == 0:
+        raise ConfigError(
+            f"{len(train_rows)} rows make {batches_per_epoch} batches per process per epoch: too few for "
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}; lower it or train longer"
+        )
+
+    model = build_model(args, tokenizer, precision)
+    ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
+    args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
+
+    global_step = 0
+    state = load_state(args.save_dir) if args.resume else None
+    if args.resume and state is None and is_main_process():
+        print(f"resume: nothing saved in {args.save_dir} yet; starting from step 0")
+    if state is not None:
+        check_resume(state, args)
+        engine.load_checkpoint(
+            str(Path(args.save_dir) / CHECKPOINT_DIR), tag=state["tag"], load_module_strict=False
+        )  # fmt: skip
+        global_step = state["global_step"]
+        if is_main_process():
+            print(f"resumed from {args.save_dir} at step {global_step}/{total_steps}")
+
+    run_state = {"train_args": {**args.to_dict(), "world_size": world_size()}, "total_steps": total_steps}
+    done_batches = global_step * args.gradient_accumulation_steps  # batches already trained on
+    bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main_process())
+    window_loss, window_batches, start = 0.0, 0, time.time()
+    engine.train()
+    for epoch in range(done_batches // batches_per_epoch, args.num_train_epochs):
+        train_loader.sampler.set_epoch(epoch)  # same order per epoch on every run: resume can skip
+        for i, batch in enumerate(train_loader):
+            if epoch * batches_per_epoch + i < done_batches or global_step >= total_steps:
+                continue
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss = causal_lm_loss(engine, to_device(batch, engine.device))
+            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            engine.step()  # steps the optimizer (and clips) only at an accumulation boundary
+            window_loss += loss.item()
+            window_batches += 1
+            if not boundary:
+                continue
+            global_step += 1
+            bar.update(1)
+            if global_step % args.log_steps == 0 or global_step == total_steps:
+                loss_sum, count = mean_across_ranks([window_loss, window_batches], engine.device)
+                lr = engine.get_lr()[0]
+                log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.2e}")
+                window_loss, window_batches = 0.0, 0
+            if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
+            if global_step % args.save_steps == 0 and global_step < total_steps:
+                save(engine, args, {**run_state, "global_step": global_step})
+    bar.close()
+    save(engine, args, {**run_state, "global_step": global_step})
+    summary = f"done: {global_step} steps in {time.time() - start:.0f}s"
+    if dev_rows:
+        summary += f", dev loss {dev_loss(engine, dev_loader):.4f}"  # every rank takes part
+    log(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,160 @@
+"""LoRA fine-tuning with the Hugging Face Trainer and DeepSpeed (deepspeed.json).
+
+    deepspeed train_trainer.py
+    deepspeed --num_gpus 2 train_trainer.py lora_r=16 learning_rate=3e-4 num_train_epochs=3
+    torchrun --nproc_per_node 2 train_trainer.py resume=true
+
+Saves save_dir/adapter_model (PEFT adapter + train_args.json) every save_steps optimizer
+steps and at the end; save_dir/checkpoint-N holds the Trainer's resume state (optimizer,
+scheduler, data position) that `resume=true` continues from.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from config_utils import Config, run_main
+from train_utils import (
+    TRAIN_DEFAULTS,
+    TrainCollate,
+    build_model,
+    causal_lm_loss,
+    check_inputs,
+    deepspeed_config,
+    init_distributed,
+    is_main_process,
+    load_train_tokenizer,
+    parse_train_args,
+    print_run_config,
+    read_deepspeed_json,
+    resolve_precision,
+    save_adapter,
+)
+
+DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_trainer/"}  # adapter: save_dir/adapter_model
+
+
+class LoraTrainer(Trainer):
+    """The Trainer with our loss: logits only where labels are (see train_utils.causal_lm_loss)."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = causal_lm_loss(model, inputs)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+class SaveAdapterCallback(TrainerCallback):
+    """Write save_dir/adapter_model (gathered under ZeRO-3, atomically) whenever the Trainer saves, and at the end."""
+
+    def __init__(self, run_args: Config) -> None:
+        self.run_args = run_args
+
+    def save(self, state, model) -> None:
+        save_adapter(model, self.run_args.save_dir, self.run_args, {"global_step": state.global_step})
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.save(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.save(state, model)
+
+
+def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -> TrainingArguments:
+    """TrainingArguments taking every shared value from the filled DeepSpeed config `ds`."""
+    opt = ds["optimizer"]["params"]
+    return TrainingArguments(
+        output_dir=args.save_dir,
+        deepspeed=ds,
+        per_device_train_batch_size=ds["train_micro_batch_size_per_gpu"],
+        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+        max_grad_norm=ds["gradient_clipping"],
+        learning_rate=opt["lr"],
+        adam_beta1=opt["betas"][0],
+        adam_beta2=opt["betas"][1],
+        adam_epsilon=opt["eps"],
+        weight_decay=opt["weight_decay"],
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+        per_device_eval_batch_size=args.eval_batch_size,
+        num_train_epochs=args.num_train_epochs,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a share of the steps
+        logging_steps=args.log_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=1,
+        eval_strategy="steps" if evaluate and args.eval_steps > 0 else "no",
+        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
+        prediction_loss_only=True,
+        label_names=["labels"],
+        remove_unused_columns=False,  # rows are raw dicts; TrainCollate tokenizes them
+        seed=args.seed,
+        report_to="none",
+    )
+
+
+def count_cpu_processes(training_args: TrainingArguments) -> None:
+    """Make accelerate see every DeepSpeed process on a CPU run.
+
+    accelerate picks its backend from CUDA; on DeepSpeed's CPU accelerator it finds none and
+    counts one process, so each rank would train on all the data and the dev-loss gather
+    fails. torch.distributed already knows the truth (gloo): copy it over.
+    """
+    state = training_args.distributed_state  # created by TrainingArguments on first use of .device
+    if torch.distributed.is_initialized() and state.num_processes != torch.distributed.get_world_size():
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+        state.backend = torch.distributed.get_backend()
+
+
+def last_checkpoint(save_dir: str | Path) -> str | None:
+    """The newest save_dir/checkpoint-N the Trainer finished writing (trainer_state.json is its last file)."""
+    done = [p for p in Path(save_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in done if p.name.split("-")[-1].isdigit()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def main() -> None:
+    args = parse_train_args(DEFAULTS, __doc__)
+    train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    init_distributed()
+    print_run_config(args)
+    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
+    ds = deepspeed_config(args, precision)
+    args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
+    training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))
+    _ = training_args.device  # sets up accelerate's process state
+    count_cpu_processes(training_args)
+
+    tokenizer = load_train_tokenizer(args)
+    model = build_model(args, tokenizer, precision)
+    trainer = LoraTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=dev_rows or None,
+        data_collator=TrainCollate(args, tokenizer).collate_fn,
+        callbacks=[SaveAdapterCallback(args)],
+    )
+    resume_from = last_checkpoint(args.save_dir) if args.resume else None
+    if args.resume and is_main_process():
+        print(f"resuming from {resume_from}" if resume_from else f"resume: no checkpoint in {args.save_dir} yet")
+
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary = f"done: {result.global_step} steps in {time.time() - start:.0f}s, train loss {result.training_loss:.4f}"
+    if dev_rows:
+        summary += f", dev loss {trainer.evaluate()['eval_loss']:.4f}"
+    if is_main_process():
+        print(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,379 @@
+"""What train_trainer.py and train_deepspeed.py share: config, checks, model, batches, loss, saving.
+
+    args = parse_train_args({**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/x/"}, __doc__)
+    rows = check_inputs(args)                       # every user error, before any model is loaded
+    model = build_model(args, load_train_tokenizer(args), "fp32")
+    loss = causal_lm_loss(model, TrainCollate(args, tokenizer).collate_fn(rows[:12]))
+
+Each trainer keeps its own loop; this module holds what both need once. Batches are
+padded to their own length and left-aligned, so every answer token sits in the last few
+positions and the LM head runs only there (`logits_to_keep`): on LLaMA's 49954-token
+vocabulary the head is most of a small model's compute and most of a big one's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from config_utils import Config, ConfigError, ConfigParser, print_config, save_config
+from dataset import IGNORE_INDEX, NerCollate, load_data
+from io_utils import atomic_dir
+from model_utils import check_model_dir, load_tokenizer, match_vocab
+
+LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
+STATE_FILE = "trainer_state.json"  # beside the adapter: where a resumed run starts
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data_name": "msra",  # dataset name; test.py/predict.py read it from train_args.json
+    "model_dir": "./model_hub/chinese-alpaca-7b",  # merged Hugging Face model to tune
+    "peft_path": "",  # continue training this LoRA (e.g. chinese-alpaca-lora-7b) instead of a new one
+    "lora_r": 8,  # LoRA rank
+    "lora_alpha": 32,  # LoRA scale numerator (scale = lora_alpha / lora_r)
+    "lora_dropout": 0.1,  # dropout on the LoRA input
+    "lora_target_modules": LORA_TARGETS,  # projections that get a LoRA; q_proj,v_proj also works
+    "max_seq_length": 128 + 64,  # prompt + answer tokens; long queries are cut, answers kept whole
+    "instruct_column": "instruct",  # instruction column of the data
+    "query_column": "query",  # query column (optional per row)
+    "response_column": "answer",  # answer column
+    "train_path": "data/msra/instruct_data/train.txt",  # training data, JSON lines
+    "dev_path": "data/msra/instruct_data/dev.txt",  # dev data for the dev loss; "" for none
+    "dev_max_rows": 256,  # dev rows used for the dev loss (0: all)
+    "train_batch_size": 12,  # batch per process (DeepSpeed's train_micro_batch_size_per_gpu)
+    "eval_batch_size": 12,  # dev batch per process
+    "gradient_accumulation_steps": 1,  # micro-batches per optimizer step
+    "num_train_epochs": 1,  # passes over the training data
+    "learning_rate": None,  # peak learning rate; None: deepspeed.json's optimizer lr (1e-5)
+    "warmup_ratio": 0.0,  # share of the steps spent warming the learning rate up from 0
+    "max_grad_norm": 1.0,  # gradient clipping (DeepSpeed's gradient_clipping)
+    "zero_stage": -1,  # ZeRO stage 0-3; -1: deepspeed.json's (1)
+    "deepspeed_json_path": "deepspeed.json",  # DeepSpeed config; batch/lr/clip/precision filled from here
+    "gradient_checkpointing": False,  # recompute activations in backward: less memory, ~30% slower
+    "log_steps": 10,  # print the mean loss every N optimizer steps
+    "save_steps": 50,  # save the adapter (and the resume state) every N optimizer steps
+    "eval_steps": 50,  # dev loss every N optimizer steps (0: only at the end)
+    "seed": 42,  # data order, LoRA init, dropout
+    "resume": False,  # continue from save_dir's last save instead of starting over
+    "local_rank": -1,  # set by the deepspeed launcher; leave it
+}
+
+
+# ----------------------------------------------------------------------------- config and checks
+
+
+def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str] | None = None) -> Config:
+    """Resolve the command line against `defaults`; values that cannot be right fail here."""
+    args = ConfigParser(defaults, description).parse_main(argv)
+    positive = ["lora_r", "max_seq_length", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps"]
+    positive += ["num_train_epochs", "log_steps", "save_steps"]
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise ConfigError(f"{key}={getattr(args, key)} must be > 0")
+    if not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio={args.warmup_ratio} must be in [0, 1)")
+    if args.zero_stage not in (-1, 0, 1, 2, 3):
+        raise ConfigError(f"zero_stage={args.zero_stage} must be 0, 1, 2, 3 or -1 (deepspeed.json's)")
+    if args.learning_rate is not None and (
+        isinstance(args.learning_rate, bool)
+        or not isinstance(args.learning_rate, (int, float))
+        or args.learning_rate <= 0
+    ):
+        raise ConfigError(f"learning_rate={args.learning_rate!r} must be a positive number, e.g. learning_rate=3e-4")
+    if isinstance(args.lora_target_modules, str):
+        args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    if not args.lora_target_modules:
+        raise ConfigError("lora_target_modules is empty: name at least one projection, e.g. q_proj,v_proj")
+    return args
+
+
+def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
+    """Read and check every input (data, model dir, adapter, DeepSpeed JSON) before any model loads.
+
+    Returns (train_rows, dev_rows); dev_rows is empty when dev_path is "".
+    """
+    columns = (args.instruct_column, args.response_column)
+    train_rows = load_data(args.train_path, columns)
+    dev_rows = load_data(args.dev_path, columns) if args.dev_path else []
+    if args.dev_max_rows > 0:
+        dev_rows = dev_rows[: args.dev_max_rows]
+    check_model_dir(args.model_dir)
+    if args.peft_path and not (Path(args.peft_path) / "adapter_config.json").is_file():
+        raise ConfigError(f"peft_path={args.peft_path!r}: no adapter_config.json there; pass a LoRA directory")
+    read_deepspeed_json(args.deepspeed_json_path)
+    return train_rows, dev_rows
+
+
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed_json_path={str(path)!r} not found: pass the DeepSpeed config file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> str:
+    """'fp16', 'bf16' or 'fp32' from deepspeed.json's fp16/bf16 sections; fp16 needs CUDA."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    fp16 = ds_config.get("fp16", {}).get("enabled", False)
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    if bf16 is True:
+        return "bf16"
+    if fp16 in (True, "auto"):
+        if cuda:
+            return "fp16"
+        if is_main_process():
+            print("note: deepspeed.json asks for fp16, which needs CUDA; training in fp32 on the CPU")
+    return "fp32"
+
+
+def deepspeed_config(args: Config, precision: str) -> dict[str, Any]:
+    """deepspeed.json with every value the trainers also know filled from `args`.
+
+    Batch size, accumulation, clipping, learning rate and precision come from one place, so
+    the HF Trainer and DeepSpeed cannot disagree. learning_rate=None keeps the file's lr.
+    """
+    ds = read_deepspeed_json(args.deepspeed_json_path)
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed: micro batch * accumulation * processes
+    ds["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    ds["gradient_clipping"] = args.max_grad_norm
+    params = ds.setdefault("optimizer", {"type": "Adam"}).setdefault("params", {})
+    file_lr = params.get("lr", "auto")
+    if args.learning_rate is None and not isinstance(file_lr, (int, float)):
+        raise ConfigError(f"{args.deepspeed_json_path}: optimizer lr is {file_lr!r}: pass learning_rate=<float>")
+    params["lr"] = float(args.learning_rate if args.learning_rate is not None else file_lr)
+    for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8), ("weight_decay", 0.0)):
+        if params.get(key, "auto") == "auto":
+            params[key] = default
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    zero = ds.setdefault("zero_optimization", {})
+    if args.zero_stage >= 0:
+        zero["stage"] = args.zero_stage
+    if zero.get("stage", 0) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # else HF saves an empty adapter
+    ds.setdefault("steps_per_print", 10**9)  # the trainers print their own losses
+    return ds
+
+
+def print_run_config(args: Config) -> None:
+    if is_main_process():
+        print_config(args)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def load_train_tokenizer(args: Config):
+    """The LoRA's own tokenizer when peft_path ships one (Chinese-Alpaca LoRA), else model_dir's."""
+    if args.peft_path and (Path(args.peft_path) / "tokenizer.model").is_file():
+        return load_tokenizer(args.peft_path)
+    return load_tokenizer(args.model_dir)
+
+
+def lora_config(args: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module:
+    """The base model in the training dtype with a new LoRA (or peft_path's, trainable)."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(args.model_dir), dtype=dtype)
+    match_vocab(model, tokenizer)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.peft_path:
+        model = PeftModel.from_pretrained(model, args.peft_path, is_trainable=True)
+    else:
+        try:
+            model = get_peft_model(model, lora_config(args))
+        except ValueError as err:  # peft names the modules it could not find
+            raise ConfigError(f"lora_target_modules={args.lora_target_modules}: {err}") from None
+    if is_main_process():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return model
+
+
+class TrainCollate(NerCollate):
+    """NerCollate's batches left-aligned, with position ids, so all answer tokens end each row."""
+
+    def collate_fn(self, batch: list[dict[str, Any] | str]) -> dict[str, torch.Tensor]:
+        return left_align(super().collate_fn(batch))
+
+
+def left_align(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each right-padded row's tokens to the end; position ids count real tokens only."""
+    mask = batch["attention_mask"]
+    width = mask.shape[1]
+    shift = width - mask.sum(1, keepdim=True)
+    source = (torch.arange(width).unsqueeze(0) - shift) % width
+    out = {key: value.gather(1, source) for key, value in batch.items()}
+    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the label tokens, with logits only where labels are.
+
+    The LM head runs on the positions from the first label onward (all of a left-aligned
+    batch's answers): the same loss as the model's own, without the full logits tensor.
+    """
+    labels = batch["labels"]
+    has_label = labels != IGNORE_INDEX
+    first = torch.where(has_label.any(1), has_label.float().argmax(1), labels.shape[1]).min()
+    keep = max(int(labels.shape[1] - first) + 1, 2)  # the logit before the first label predicts it
+    keep = min(keep, labels.shape[1])
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+def init_distributed() -> None:
+    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=True,
+        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),  # mpirun -x MASTER_PORT=... picks another
+    )
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable parameters, gathered first when ZeRO-3 has partitioned them.
+
+    Every process must call this (the gather is collective).
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with gather:
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
+
+
+def save_adapter(model: torch.nn.Module, save_dir: str | Path, args: Config, state: dict | None = None) -> Path:
+    """Write save_dir/adapter_model (safetensors adapter, train_args.json, state) on rank 0, atomically.
+
+    `model` is the PeftModel (engine.module under DeepSpeed). Every process must call this.
+    """
+    weights = trainable_state_dict(model)
+    out = Path(save_dir) / ADAPTER_DIR
+    if is_main_process():
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+            save_config(args, tmp / "train_args.json")
+            if state is not None:
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    barrier()
+    return out
+
+
+def load_state(save_dir: str | Path) -> dict[str, Any] | None:
+    """The state saved beside the last adapter, or None when there is none."""
+    path = Path(save_dir) / ADAPTER_DIR / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
+    """Delete every DeepSpeed checkpoint tag in `folder` but `keep` (rank 0)."""
+    folder = Path(folder)
+    if not is_main_process() or not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+HARD_TRAIN_OVERRIDES: dict[str, Any] = {
+    "lora_r": 32,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "learning_rate": 3e-3,
+    "warmup_ratio": 0.0,
+    "train_batch_size": 4,
+    "num_train_epochs": 70,
+    "save_steps": 100000,
+    "log_steps": 20,
+    "dev_path": "",
+}
+
+
+def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str | Path, **overrides: Any) -> list[str]:
+    """Overrides that make a LoRA memorize a handful of rows (tests, the demo).
+
+    On a 2-layer hidden-64 model with the 49954-token vocabulary, 12 MSRA rows are reproduced
+    exactly by greedy decoding after ~70 epochs (tests/test_train.py checks it).
+    """
+    values = {**HARD_TRAIN_OVERRIDES, **overrides}
+    values.update(model_dir=str(model_dir), train_path=str(train_path), save_dir=str(save_dir))
+    return [f"{key}={','.join(v) if isinstance(v, list) else v}" for key, v in values.items()]
