@@ -287,12 +287,13 @@ def test_deepspeed_two_ranks_zero3_memorizes_12_rows(ops_ready, tiny128, rows12,
 
 
 @pytest.mark.slow
-def test_trainer_two_ranks_saves_the_trained_adapter(ops_ready, tiny_alpaca, rows12, tmp_path):
-    """deepspeed --num_gpus 2 train_trainer.py: our adapter equals the Trainer's own checkpoint copy."""
+def test_trainer_two_ranks_zero3_saves_the_trained_adapter(ops_ready, tiny_alpaca, rows12, tmp_path):
+    """deepspeed --num_gpus 2 train_trainer.py, ZeRO-3: our gathered adapter equals the Trainer's own copy."""
     save_dir = tmp_path / "run"
     argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", f"dev_path={rows12}", f"save_dir={save_dir}"]
     argv += ["train_batch_size=2", "num_train_epochs=2", "save_steps=3", "eval_steps=3", "learning_rate=1e-3"]
-    out = run([*deepspeed_cmd("train_trainer.py"), *argv, f"deepspeed_json_path={DS_JSON}", "lora_dropout=0"])
+    argv += [f"deepspeed_json_path={DS_JSON}", "lora_dropout=0", "zero_stage=3"]
+    out = run([*deepspeed_cmd("train_trainer.py"), *argv])
     assert "done: 6 steps" in out and "eval_loss" in out
     adapter = save_dir / "adapter_model"
     weights = check_adapter(adapter, tiny_alpaca)
