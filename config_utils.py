@@ -13,7 +13,6 @@ import ast
 import difflib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +177,3 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys")
     return values
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """Call a script's main(); print the one-line message of a ConfigError/DataError/ModelLoadError.
-
-    Those errors carry exit code 2, and Python prints nothing for an int exit code: without
-    this the user would see only the status.
-    """
-    try:
-        main()
-    except SystemExit as err:
-        if err.code not in (0, None) and err.args and isinstance(err.args[0], str):
-            print(str(err), file=sys.stderr)
-        raise

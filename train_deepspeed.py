@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from config_utils import Config, ConfigError, run_main
+from config_utils import Config, ConfigError
 from dataset import IGNORE_INDEX
+from io_utils import run_cli
 from train_utils import (
     TRAIN_DEFAULTS,
     TrainCollate,
@@ -199,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from config_utils import Config, run_main
+from config_utils import Config
+from io_utils import run_cli
 from train_utils import (
     TRAIN_DEFAULTS,
     TrainCollate,
@@ -157,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

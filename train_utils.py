@@ -269,11 +269,22 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    launched = any(key in os.environ for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    default_port = 29500 if launched else free_port()  # a lone `python x.py` must not collide with a running job
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=True,
-        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),  # mpirun -x MASTER_PORT=... picks another
+        distributed_port=int(os.environ.get("MASTER_PORT", default_port)),  # mpirun -x MASTER_PORT=... picks another
     )
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rank() -> int:

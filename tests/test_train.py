@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from train_utils import (
     TrainCollate,
     causal_lm_loss,
     deepspeed_config,
+    free_port,
     hard_train_argv,
     parse_train_args,
     resolve_precision,
@@ -81,12 +81,6 @@ def rows12(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rows") / "rows12.txt"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in short[:10] + empty[:2]), "utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], timeout: int = 600) -> str:
