@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test lint bench bench-7b
 
 setup: $(STAMP)
 
@@ -36,3 +36,7 @@ bench: setup
 	$(BIN)/python bench/merge_memory.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/eval_throughput.py
+
+# 7B geometry on CPU: ~15 minutes and 60 GB of free disk; not part of `make bench`
+bench-7b: setup
+	$(BIN)/python bench/pipeline_7b.py --cold
