@@ -166,10 +166,13 @@ def save_config(config: Config | dict, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(values, ensure_ascii=False, indent=2) + "\n")
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
+def load_config(
+    path: str | Path, fix: str = "train first, or pass --train_args_path=<dir>/train_args.json"
+) -> dict[str, Any]:
+    """A JSON object from `path` (train_args.json, deepspeed.json); `fix` says what to do when it is missing."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} not found: train first, or pass --train_args_path=<dir>/train_args.json")
+        raise ConfigError(f"{path} not found: {fix}")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

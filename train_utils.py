@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from config_utils import Config, ConfigError, ConfigParser, print_config, save_config
+from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from io_utils import atomic_dir
 from model_utils import check_model_dir, load_tokenizer, match_vocab
@@ -114,16 +114,7 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed_json_path={str(path)!r} not found: pass the DeepSpeed config file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config
+    return load_config(path, fix="pass deepspeed_json_path=<the DeepSpeed config file>")
 
 
 def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> str:
