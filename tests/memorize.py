@@ -18,41 +18,24 @@ from typing import Any
 import torch
 
 from config_utils import Config, save_config
-from dataset import IGNORE_INDEX, NerCollate
+from dataset import NerCollate
+from train_utils import LORA_TARGETS, TRAIN_DEFAULTS, causal_lm_loss
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def train_args(base_dir: Path, save_dir: Path, dev_path: Path, **overrides: Any) -> dict[str, Any]:
-    """A train_args.json like the training scripts write."""
-    return {
-        "data_name": "msra",
+def train_args(base_dir: Path, save_dir: Path, dev_path: Path) -> dict[str, Any]:
+    """The train_args.json the training scripts would write for this run."""
+    overrides = {
         "model_dir": str(base_dir),
+        "save_dir": str(save_dir),
+        "train_path": str(dev_path),
+        "dev_path": str(dev_path),
         "lora_r": 32,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
-        "lora_target_modules": TARGET_MODULES,
-        "max_seq_length": 256,
-        "instruct_column": "instruct",
-        "query_column": "query",
-        "response_column": "answer",
-        "train_path": str(dev_path),
-        "dev_path": str(dev_path),
-        "train_batch_size": 12,
         "learning_rate": 3e-3,
-        "save_dir": str(save_dir),
-        **overrides,
+        "max_seq_length": 256,
     }
-
-
-def answer_loss(causal_lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on the answer tokens only; the vocabulary projection runs on
-    those positions alone (the prompt is ~90% of each row, and lm_head dominates the cost)."""
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+    return {**TRAIN_DEFAULTS, **overrides}
 
 
 def train_memorized_lora(
@@ -68,14 +51,14 @@ def train_memorized_lora(
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0, target_modules=TARGET_MODULES)
+    lora = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS)
     model = get_peft_model(model, lora)
     batch = NerCollate(Config(args), tokenizer).collate_fn(rows)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args["learning_rate"])
     model.train()
     losses = []
     for _ in range(epochs):
-        loss = answer_loss(model.base_model.model, batch)
+        loss = causal_lm_loss(model, batch)
         losses.append(loss.item())
         loss.backward()
         optimizer.step()
