@@ -41,6 +41,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.1,  # dropout on the LoRA input
     "lora_target_modules": LORA_TARGETS,  # projections that get a LoRA; q_proj,v_proj also works
     "max_seq_length": 128 + 64,  # prompt + answer tokens; long queries are cut, answers kept whole
+    "pad_to_multiple_of": 1,  # pad each batch to a multiple of this (8 suits fp16 tensor cores); 1 = its longest row
     "instruct_column": "instruct",  # instruction column of the data
     "query_column": "query",  # query column (optional per row)
     "response_column": "answer",  # answer column
@@ -72,8 +73,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str] | None = None) -> Config:
     """Resolve the command line against `defaults`; values that cannot be right fail here."""
     args = ConfigParser(defaults, description).parse_main(argv)
-    positive = ["lora_r", "max_seq_length", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps"]
-    positive += ["num_train_epochs", "log_steps", "save_steps"]
+    positive = ["lora_r", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size"]
+    positive += ["gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps"]
     for key in positive:
         if getattr(args, key) <= 0:
             raise ConfigError(f"{key}={getattr(args, key)} must be > 0")

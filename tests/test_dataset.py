@@ -107,3 +107,12 @@ def test_truncation_ends_when_the_instruction_alone_is_too_long(tokenizer, rows)
         answer_ids = tokenizer.encode(row["answer"], add_special_tokens=False) + [2]
         learned = [x for x in batch["labels"][i].tolist() if x != IGNORE_INDEX]
         assert learned == answer_ids[: limit - 1]
+
+
+def test_training_config_pads_to_a_multiple(tokenizer, rows):
+    from train_utils import TRAIN_DEFAULTS, TrainCollate, parse_train_args
+
+    args = parse_train_args(TRAIN_DEFAULTS, "", ["pad_to_multiple_of=8", "max_seq_length=256"])
+    batch = TrainCollate(args, tokenizer).collate_fn(rows)
+    longest = max(len(NerCollate(args, tokenizer).encode(r)[0]) for r in rows)
+    assert batch["input_ids"].shape[1] % 8 == 0 and longest <= batch["input_ids"].shape[1] < longest + 8
