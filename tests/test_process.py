@@ -48,9 +48,10 @@ def test_json_lines_reproduce_the_original_tools_rows(tmp_path):
     assert all(json.loads(line)["answer"] != "没有" for line in ours_dev)
 
 
-def test_row_shape_and_answer_order():
-    row = read_rows(REFERENCE_ROWS)[1]
-    assert row["instruct"] == NER_INSTRUCTION
+def test_row_shape_and_answer_order(tmp_path):
+    process.convert(ORI / "msra_1000.txt", tmp_path / "dev.txt", "dev")
+    row = read_rows(tmp_path / "dev.txt")[1]
+    assert row["instruct"] == NER_INSTRUCTION == read_rows(REFERENCE_ROWS)[1]["instruct"]
     assert row["query"].startswith("文本：")
     assert row["answer"].split("\n")[0] == "北京_地名"
 
