@@ -56,8 +56,9 @@ def deepspeed_ops():
     """Compile (or load) DeepSpeed's CPU ops in the background from the first test on."""
     proc = subprocess.Popen([PYTHON, "-c", BUILD_OPS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     yield proc
-    if proc.poll() is None:
-        proc.kill()
+    # Never kill a build mid-way: it would leave torch's build lock behind, and every later
+    # DeepSpeed run on this machine would wait on that lock forever.
+    proc.communicate(timeout=900)
 
 
 @pytest.fixture
