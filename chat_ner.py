@@ -8,7 +8,8 @@
 After ymcui/Chinese-LLaMA-Alpaca's scripts/inference_hf.py. The REPL is single-turn and
 ends on an empty line or end of input. --data_file (one input per line) writes
 --predictions_file and generation_config.json beside it. --ner treats each input as a plain
-sentence and wraps it in the NER instruction with the training prompt (as test.py does).
+sentence and wraps it in the NER instruction with the training prompt (as test.py does);
+its answers are constrained (ner_constraint.py) unless --constrained false.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Any
 
 import torch
 
+from config_utils import convert_value, load_config
 from dataset import DataError, build_prompt, ner_row
 from io_utils import atomic_write_text, run_cli
 from model_utils import generate_answers, load_model, load_tokenizer
+from ner_constraint import NerConstraint, load_entity_types
 
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]
 BANNER = (
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_file", default=None, help="a file with one input per line (batch mode)")
     p.add_argument("--with_prompt", action="store_true", help="wrap each input in the Alpaca prompt")
     p.add_argument("--ner", action="store_true", help="each input is a sentence: wrap it in the NER instruction")
+    p.add_argument("--constrained", type=parse_bool, default=True, help="with --ner: valid answers only (true/false)")
+    p.add_argument("--entity_types", default="", help="with --ner: e.g. 人名,地名; default: the LoRA's training data")
     p.add_argument("--interactive", action="store_true", help="single-turn REPL")
     p.add_argument("--predictions_file", default="./predictions.json", help="batch mode output")
     p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
@@ -56,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition_penalty", type=float, default=1.3)
     p.add_argument("--seed", type=int, default=None, help="seed the sampler for repeatable output")
     return p.parse_args(argv)
+
+
+def parse_bool(text: str) -> bool:
+    return convert_value("--constrained", text, True)
 
 
 def generation_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +101,15 @@ def read_inputs(path: str) -> list[str]:
     return inputs
 
 
+def ner_types(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """With --ner and --constrained (the default): the entity types answers may use, else None."""
+    if not (args.ner and args.constrained):
+        return None
+    trained = Path(args.lora_model or "") / "train_args.json"
+    config = load_config(trained) if args.lora_model and trained.is_file() else {}
+    return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
+
+
 def tokenizer_dir(args: argparse.Namespace) -> str:
     if args.tokenizer_path:
         return args.tokenizer_path
@@ -110,7 +128,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dict[str, Any]) -> int:
+def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dict[str, Any], types=None) -> int:
     """Single-turn REPL; returns the number of answered inputs."""
     print("Start inference with instruction mode.")
     print(BANNER)
@@ -123,18 +141,25 @@ def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dic
             break
         if not text.strip():
             break
-        response = generate_answers(model, tokenizer, [make_prompt(text.strip(), args)], 1, progress=False, **settings)
+        text = text.strip()
+        constraint = NerConstraint(tokenizer, [text], types) if types else None
+        response = generate_answers(
+            model, tokenizer, [make_prompt(text, args)], 1, progress=False, constraint=constraint, **settings
+        )
         print("Response: ", response[0])
         print("\n")
         answered += 1
     return answered
 
 
-def run_file(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict) -> None:
+def run_file(
+    model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict, types=None
+) -> None:
     """Batch mode: answer every input, write predictions_file and generation_config.json."""
     print("Start inference.")
     prompts = [make_prompt(text, args) for text in inputs]
-    responses = generate_answers(model, tokenizer, prompts, args.batch_size, **settings)
+    constraint = NerConstraint(tokenizer, inputs, types) if types else None
+    responses = generate_answers(model, tokenizer, prompts, args.batch_size, constraint=constraint, **settings)
     results = []
     for index, (text, prompt, response) in enumerate(zip(inputs, prompts, responses, strict=True)):
         print(f"======={index}=======")
@@ -155,12 +180,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
     model, tokenizer = load(args)
     settings = generation_config(args)
+    types = ner_types(args)
     if args.interactive:
-        interact(model, tokenizer, args, settings)
+        interact(model, tokenizer, args, settings, types)
     else:
         if args.data_file:
             print("first 10 examples:", *inputs[:10], sep="\n")
-        run_file(model, tokenizer, inputs, args, settings)
+        run_file(model, tokenizer, inputs, args, settings, types)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     config = resolve_config(sys.argv[1:], {"predict_path": ""})
     model, tokenizer = load_trained(config)
     prompts = [row_prompt(row, config) for row in rows]
+    answers = generate_answers(model, tokenizer, prompts, constraint=answer_constraint(config, tokenizer, rows))
 
 The config is the training run's train_args.json (every key can be overridden on the
 command line, e.g. --dev_path=...) plus the evaluation keys below.
@@ -18,6 +19,7 @@ import torch
 from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
 from dataset import build_prompt
 from model_utils import load_model, load_tokenizer
+from ner_constraint import NerConstraint, load_entity_types, text_of_query
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -27,6 +29,8 @@ EVAL_DEFAULTS = {
     "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # '' = cuda when available, else cpu
+    "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
+    "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -74,3 +78,12 @@ def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
 def row_prompt(row: dict[str, Any], config: Config) -> str:
     """The training prompt of one data row."""
     return build_prompt(row[config.instruct_column], row.get(config.query_column) or "")
+
+
+def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
+    """The NER answer constraint for these rows (None when constrained=false)."""
+    if not config.constrained:
+        return None
+    types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column)
+    texts = [text_of_query(row.get(config.query_column) or "", row[config.instruct_column]) for row in rows]
+    return NerConstraint(tokenizer, texts, types)

@@ -213,6 +213,7 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 128,
     progress: bool = True,
+    constraint: Any = None,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
@@ -220,8 +221,12 @@ def generate_answers(
     Prompts are tokenized as in training (BOS, no EOS), sorted by length so a batch holds
     similar lengths, left-padded, and generated with the KV cache until `</s>` or
     max_new_tokens. Only the generated tokens up to the first `</s>` are decoded.
+    `constraint` (e.g. ner_constraint.NerConstraint) limits what each answer may be: its
+    `processor(indices, prompt_width)` masks the logits of a batch, its `close(index, answer)`
+    finishes an answer that max_new_tokens cut.
     """
     from tqdm import tqdm
+    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
@@ -237,6 +242,9 @@ def generate_answers(
         attention_mask = torch.tensor(
             [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index], device=device
         )
+        if constraint is not None:
+            extra = list(gen_kwargs.get("logits_processor") or [])
+            settings["logits_processor"] = LogitsProcessorList([*extra, constraint.processor(index, width)])
         with torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids,
@@ -247,7 +255,10 @@ def generate_answers(
                 **settings,
             )
         for row, i in enumerate(index):
-            answers[i] = decode_new_tokens(tokenizer, output[row, width:].tolist())
+            ids = output[row, width:].tolist()
+            answers[i] = decode_new_tokens(tokenizer, ids)
+            if constraint is not None and tokenizer.eos_token_id not in ids:
+                answers[i] = constraint.close(i, answers[i])
     return answers
 
 

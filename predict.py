@@ -18,7 +18,7 @@ from typing import Any
 
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
-from inference import load_trained, resolve_config, row_prompt
+from inference import answer_constraint, load_trained, resolve_config, row_prompt
 from io_utils import run_cli
 from metrics import score
 from model_utils import generate_answers
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
     prompts = [row_prompt(r, config) for r in rows]
-    predictions = generate_answers(model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens)
+    constraint = answer_constraint(config, tokenizer, rows)
+    predictions = generate_answers(
+        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint
+    )
     show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]
     summary = f"{len(rows)} texts predicted"

@@ -18,7 +18,7 @@ from typing import Any
 
 from config_utils import ConfigError, print_config
 from dataset import load_data
-from inference import adapter_dir, load_trained, resolve_config, row_prompt
+from inference import adapter_dir, answer_constraint, load_trained, resolve_config, row_prompt
 from io_utils import atomic_write_text, run_cli
 from metrics import format_table, score
 from model_utils import generate_answers
@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
     start = time.perf_counter()
+    prompts = [row_prompt(r, config) for r in rows]
+    constraint = answer_constraint(config, tokenizer, rows)
     predictions = generate_answers(
-        model, tokenizer, [row_prompt(r, config) for r in rows], config.eval_batch_size, config.max_new_tokens
+        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint
     )
     seconds = time.perf_counter() - start
     metrics = score([r[config.response_column] for r in rows], predictions)
     adapter = adapter_dir(config)
     metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
+    metrics.update(constrained=constraint is not None, entity_types=list(constraint.types) if constraint else None)
     out_dir = Path(config.output_dir or config.save_dir)
     write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
     print(format_table(metrics))
