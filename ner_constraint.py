@@ -390,8 +390,8 @@ def gbnf(text: str, types: Sequence[str] = ENTITY_TYPES, max_lines: int = 0) -> 
         else:
             rules.append(f"e{i} ::= {gbnf_literal(chars[i])}" + (f" {rest}?" if rest else ""))
     starts = [f"e{i}" for i in range(len(chars)) if live[i] and not chars[i].isspace()]
-    more = '("\\n" line)*' if max_lines <= 0 else f'("\\n" line){{0,{max_lines - 1}}}'
-    head = [f'root ::= " "? ({gbnf_literal(NO_ENTITY)}' + (f" | line {more})" if starts else ")")]
+    lines = "line" + ("" if max_lines == 1 else ' ("\\n" line)' + ("*" if max_lines <= 0 else f"{{0,{max_lines - 1}}}"))
+    head = [f'root ::= " "? ({gbnf_literal(NO_ENTITY)}' + (f" | {lines})" if starts else ")")]
     if starts:
         head += ['line ::= entity "_" type', "type ::= " + " | ".join(gbnf_literal(t) for t in types)]
         head.append("entity ::= " + " | ".join(starts))
