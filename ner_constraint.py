@@ -21,6 +21,10 @@ unchanged. Per text, the positions of the text where each vocabulary piece match
 once; per step only the pieces that continue the current line's occurrences in the text, plus a
 handful of separator and type pieces, are looked at. If max_new_tokens ends an answer in the
 middle of a line, `NerConstraint.close` drops that unfinished line (no line left: `没有`).
+
+Why not xgrammar (0.2.8, measured here on this GBNF): it compiles one MSRA text's grammar in
+30-80 ms against about 2 ms for a TextGrammar, cannot forbid a repeated line (a context-free
+grammar cannot), and would add triton and tvm-ffi to the requirements.
 """
 
 from __future__ import annotations
@@ -164,7 +168,8 @@ class TextGrammar:
         self.start_ids = self._union([self.cont[p] for p in self.starts])
         self.space_start_ids = self._union([self._matches(p, b" ") for p in self.starts])
         self.sep_ids = [i for i in vocab.with_underscore if self._sep_may_fit(vocab.token_bytes[i])]
-        self.type_ids = sorted({i for t in self.types for i in vocab.ids_inside(t)} | set(vocab.with_newline))
+        types_and_breaks = {i for t in self.types for i in vocab.ids_inside(t)} | set(vocab.with_newline)
+        self.type_ids = sorted(types_and_breaks)  # tokens that may continue a line after its `_`
 
     # -- precomputation helpers
 
@@ -192,6 +197,7 @@ class TextGrammar:
     def _sep_may_fit(self, data: bytes) -> bool:
         """Could a token holding `_` ever be allowed for this text? (cheap filter; advance() decides)"""
         head, _, tail = data.partition(b"_")
+        head = head[1:] if head.startswith(b" ") else head  # the answer may start with a space
         if head and head not in self.hay:
             return False
         return b"_" in self.hay or any(t.startswith(tail) or tail.startswith(t + b"\n") for t in self.types)
