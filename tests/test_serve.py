@@ -63,7 +63,7 @@ def occurrences(text: str, entity: str) -> list[list[int]]:
 
 
 def test_entities_in_answer_order_with_every_span():
-    from serve import entities
+    from http_api import entities
 
     answer = "北京_地名\n上海_地名\n没有\n不是实体\n北京_地名\n京_地名"
     assert entities("北京和北京", answer) == [
