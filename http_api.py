@@ -156,20 +156,20 @@ class Limits:
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
                 return await response(scope, receive, send)
-        body, more = b"", True
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            more = False
-            body = b"x" * (MAX_BODY_BYTES + 1)
-        while more:
+        chunks, size, more = [], 0, True
+        while more:  # read the whole body (a client still sending would miss an early answer)
             message = await receive()
-            body += message.get("body", b"")
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
             more = message.get("more_body", False)
-            if len(body) > MAX_BODY_BYTES:
-                break
-        if len(body) > MAX_BODY_BYTES:
+        if size > MAX_BODY_BYTES:
             response = error_response(413, f"body: larger than {MAX_BODY_BYTES} bytes; send fewer or shorter texts")
             return await response(scope, receive, send)
+        body = b"".join(chunks)
         replayed = False
 
         async def replay() -> dict:

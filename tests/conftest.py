@@ -80,12 +80,12 @@ def ner_reference(memorized, tmp_path_factory) -> dict:
     texts = [r["query"].removeprefix("文本：") for r in rows]
     work = tmp_path_factory.mktemp("ner_reference")
     write_rows(work / "dev.txt", rows)
-    args = [f"--train_args_path={memorized['train_args']}", f"--output_dir={work}"]
-    import_script("test").main([*args, f"--dev_path={work / 'dev.txt'}"])
+    train_args = f"--train_args_path={memorized['train_args']}"
+    import_script("test").main([train_args, f"--dev_path={work / 'dev.txt'}", f"--output_dir={work}"])
     lines = (work / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()
     answers = [json.loads(line)["prediction"] for line in lines]
     (work / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    assert import_script("predict").main([*args, f"--predict_path={work / 'texts.txt'}"]) == answers
+    assert import_script("predict").main([train_args, f"--predict_path={work / 'texts.txt'}"]) == answers
     assert answers[:2] == [r["answer"] for r in rows[:2]]
     return {"texts": texts, "answers": answers}
 

