@@ -8,26 +8,33 @@
 After ymcui/Chinese-LLaMA-Alpaca's scripts/inference_hf.py. The REPL is single-turn and
 ends on an empty line or end of input. --data_file (one input per line) writes
 --predictions_file and generation_config.json beside it. --ner treats each input as a plain
-sentence and wraps it in the NER instruction with the training prompt (as test.py does);
-its answers are constrained (ner_constraint.py) unless --constrained false.
+sentence and wraps it in the NER instruction with the training prompt and decodes as test.py
+does (greedy, no repetition penalty, max_new_tokens 256, constrained answers: ner_constraint.py)
+unless sampling options or --constrained false are given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from config_utils import convert_value, load_config
-from dataset import DataError, build_prompt, ner_row
+from config_utils import convert_value
+from dataset import DataError, build_prompt
+from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args, ner_answers, ner_prompt
 from io_utils import atomic_write_text, run_cli
-from model_utils import generate_answers, load_model, load_tokenizer
-from ner_constraint import NerConstraint, load_entity_types
+from model_utils import generate_answers
 
+CHAT_DECODING = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.3, "max_new_tokens": 400}
+NER_DECODING = {  # test.py's: greedy, no penalty (answers repeat their type names on every line)
+    **CHAT_DECODING,
+    "temperature": 0.0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": EVAL_DEFAULTS["max_new_tokens"],
+}
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]
 BANNER = (
     "=" * 85
@@ -40,27 +47,26 @@ BANNER = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base_model", required=True, help="Hugging Face model directory (merged Chinese-Alpaca)")
-    p.add_argument("--lora_model", default=None, help="LoRA adapter directory; none = the base model alone")
-    p.add_argument("--tokenizer_path", default=None, help="default: lora_model if it has a tokenizer, else base_model")
+    add_model_args(p)
     p.add_argument("--data_file", default=None, help="a file with one input per line (batch mode)")
     p.add_argument("--with_prompt", action="store_true", help="wrap each input in the Alpaca prompt")
     p.add_argument("--ner", action="store_true", help="each input is a sentence: wrap it in the NER instruction")
     p.add_argument("--constrained", type=parse_bool, default=True, help="with --ner: valid answers only (true/false)")
-    p.add_argument("--entity_types", default="", help="with --ner: e.g. 人名,地名; default: the LoRA's training data")
     p.add_argument("--interactive", action="store_true", help="single-turn REPL")
     p.add_argument("--predictions_file", default="./predictions.json", help="batch mode output")
-    p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
-    p.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--batch_size", type=int, default=8, help="inputs generated together in batch mode")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy decoding")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=40)
-    p.add_argument("--max_new_tokens", type=int, default=400)
-    p.add_argument("--repetition_penalty", type=float, default=1.3)
+    p.add_argument("--temperature", type=float, help="0 = greedy; default 0.2, with --ner 0 (as test.py)")
+    p.add_argument("--top_p", type=float, help=f"default {CHAT_DECODING['top_p']}")
+    p.add_argument("--top_k", type=int, help=f"default {CHAT_DECODING['top_k']}")
+    p.add_argument("--max_new_tokens", type=int, help="default 400, with --ner test.py's 256")
+    p.add_argument("--repetition_penalty", type=float, help="1.0 = none; default 1.3, with --ner 1.0 (as test.py)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler for repeatable output")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    defaults = NER_DECODING if args.ner else CHAT_DECODING
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def parse_bool(text: str) -> bool:
@@ -68,8 +74,10 @@ def parse_bool(text: str) -> bool:
 
 
 def generation_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The generate() settings; temperature 0 means greedy."""
-    config: dict[str, Any] = {"num_beams": 1, "repetition_penalty": args.repetition_penalty}
+    """The generate() settings; temperature 0 means greedy, repetition penalty 1.0 none."""
+    config: dict[str, Any] = {"num_beams": 1}
+    if args.repetition_penalty != 1.0:
+        config["repetition_penalty"] = args.repetition_penalty
     if args.temperature > 0:
         config.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     else:
@@ -78,12 +86,38 @@ def generation_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def describe_decoding(settings: dict[str, Any], ner: bool) -> str:
+    """One line saying how answers are decoded."""
+    if settings["do_sample"]:
+        keys = ("temperature", "top_k", "top_p")
+        words = "sampling (" + ", ".join(f"{k} {settings[k]}" for k in keys) + ")"
+    else:
+        words = "greedy"
+    words += (
+        f", repetition_penalty {settings.get('repetition_penalty', 1.0)}, max_new_tokens {settings['max_new_tokens']}"
+    )
+    if ner and settings == generation_config(argparse.Namespace(**NER_DECODING)):
+        words += " (as test.py; pass --temperature etc. to sample)"
+    return f"decoding: {words}"
+
+
 def make_prompt(text: str, args: argparse.Namespace) -> str:
     """The model input for one user input."""
     if args.ner:
-        row = ner_row(text)
-        return build_prompt(row["instruct"], row["query"])
+        return ner_prompt(text)
     return build_prompt(text) if args.with_prompt else text
+
+
+def respond(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict, **kw) -> list[str]:
+    """Answers for user inputs: NER goes through inference.ner_answers, as every NER path does."""
+    gen = {k: v for k, v in settings.items() if k != "max_new_tokens"}
+    if args.ner:
+        types = args.types if args.constrained else None
+        return ner_answers(
+            model, tokenizer, inputs, args.batch_size, settings["max_new_tokens"], types=types, **kw, **gen
+        )
+    prompts = [make_prompt(text, args) for text in inputs]
+    return generate_answers(model, tokenizer, prompts, args.batch_size, settings["max_new_tokens"], **kw, **gen)
 
 
 def read_inputs(path: str) -> list[str]:
@@ -101,34 +135,7 @@ def read_inputs(path: str) -> list[str]:
     return inputs
 
 
-def ner_types(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """With --ner and --constrained (the default): the entity types answers may use, else None."""
-    if not (args.ner and args.constrained):
-        return None
-    trained = Path(args.lora_model or "") / "train_args.json"
-    config = load_config(trained) if args.lora_model and trained.is_file() else {}
-    return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
-
-
-def tokenizer_dir(args: argparse.Namespace) -> str:
-    if args.tokenizer_path:
-        return args.tokenizer_path
-    if args.lora_model and (Path(args.lora_model) / "tokenizer.model").is_file():
-        return args.lora_model
-    return args.base_model
-
-
-def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer); embeddings grow to a larger tokenizer, a smaller one is an error."""
-    device = "cpu" if args.only_cpu else None
-    tokenizer = load_tokenizer(tokenizer_dir(args))
-    print(f"Vocab of the tokenizer: {len(tokenizer)}")
-    model = load_model(args.base_model, args.lora_model, args.dtype, device, tokenizer)
-    print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
-    return model, tokenizer
-
-
-def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dict[str, Any], types=None) -> int:
+def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dict[str, Any]) -> int:
     """Single-turn REPL; returns the number of answered inputs."""
     print("Start inference with instruction mode.")
     print(BANNER)
@@ -141,25 +148,18 @@ def interact(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dic
             break
         if not text.strip():
             break
-        text = text.strip()
-        constraint = NerConstraint(tokenizer, [text], types) if types else None
-        response = generate_answers(
-            model, tokenizer, [make_prompt(text, args)], 1, progress=False, constraint=constraint, **settings
-        )
+        response = respond(model, tokenizer, [text.strip()], args, settings, progress=False)
         print("Response: ", response[0])
         print("\n")
         answered += 1
     return answered
 
 
-def run_file(
-    model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict, types=None
-) -> None:
+def run_file(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict) -> None:
     """Batch mode: answer every input, write predictions_file and generation_config.json."""
     print("Start inference.")
     prompts = [make_prompt(text, args) for text in inputs]
-    constraint = NerConstraint(tokenizer, inputs, types) if types else None
-    responses = generate_answers(model, tokenizer, prompts, args.batch_size, constraint=constraint, **settings)
+    responses = respond(model, tokenizer, inputs, args, settings, progress=True)
     results = []
     for index, (text, prompt, response) in enumerate(zip(inputs, prompts, responses, strict=True)):
         print(f"======={index}=======")
@@ -174,19 +174,20 @@ def run_file(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
     inputs = read_inputs(args.data_file) if args.data_file else SAMPLE_DATA
+    settings = generation_config(args)
+    print(describe_decoding(settings, args.ner))
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load(args)
-    settings = generation_config(args)
-    types = ner_types(args)
+    model, tokenizer = load_from_args(args)
+    if args.ner and args.constrained:
+        args.types = adapter_entity_types(args)
     if args.interactive:
-        interact(model, tokenizer, args, settings, types)
+        interact(model, tokenizer, args, settings)
     else:
         if args.data_file:
             print("first 10 examples:", *inputs[:10], sep="\n")
-        run_file(model, tokenizer, inputs, args, settings, types)
+        run_file(model, tokenizer, inputs, args, settings)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,28 @@
-"""What test.py and predict.py share: the trained run's config, the model, the prompts.
+"""What the inference scripts share: the trained run's config, the model, the prompts, NER answers.
 
     config = resolve_config(sys.argv[1:], {"predict_path": ""})
     model, tokenizer = load_trained(config)
     prompts = [row_prompt(row, config) for row in rows]
-    answers = generate_answers(model, tokenizer, prompts, constraint=answer_constraint(config, tokenizer, rows))
+    answers = ner_answers(model, tokenizer, ["北京是中国的首都。"], 16, 256, types=("人名", "地名", "机构名"))
 
-The config is the training run's train_args.json (every key can be overridden on the
-command line, e.g. --dev_path=...) plus the evaluation keys below.
+test.py and predict.py take the training run's train_args.json (every key can be overridden
+on the command line, e.g. --dev_path=...) plus the evaluation keys below; chat_ner.py and
+serve.py take the model flags of `add_model_args` and load through `load_from_args`.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
-from dataset import build_prompt
-from model_utils import load_model, load_tokenizer
+from dataset import build_prompt, ner_row
+from model_utils import generate_answers, load_model, load_tokenizer
 from ner_constraint import NerConstraint, load_entity_types, text_of_query
 
 EVAL_DEFAULTS = {
@@ -80,10 +84,77 @@ def row_prompt(row: dict[str, Any], config: Config) -> str:
     return build_prompt(row[config.instruct_column], row.get(config.query_column) or "")
 
 
+def ner_prompt(text: str) -> str:
+    """The training prompt for a plain sentence: the NER instruction, then `文本：text`."""
+    row = ner_row(text)
+    return build_prompt(row["instruct"], row["query"])
+
+
+def ner_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    batch_size: int = EVAL_DEFAULTS["eval_batch_size"],
+    max_new_tokens: int = EVAL_DEFAULTS["max_new_tokens"],
+    progress: bool = False,
+    types: Sequence[str] | None = None,
+    **gen_kwargs: Any,
+) -> list[str]:
+    """The `实体_类型` answer for each plain sentence, generated as test.py generates (greedy).
+
+    With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
+    entity is in the sentence and whose type is one of `types`; None: plain decoding.
+    """
+    prompts = [ner_prompt(text) for text in texts]
+    constraint = NerConstraint(tokenizer, texts, types) if types else None
+    return generate_answers(
+        model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, constraint=constraint, **gen_kwargs
+    )
+
+
 def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
-    """The NER answer constraint for these rows (None when constrained=false)."""
+    """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
     if not config.constrained:
         return None
     types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column)
     texts = [text_of_query(row.get(config.query_column) or "", row[config.instruct_column]) for row in rows]
     return NerConstraint(tokenizer, texts, types)
+
+
+def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
+    """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
+    (its train_args.json's train_path), else MSRA's."""
+    trained = Path(args.lora_model or "") / "train_args.json"
+    config = load_config(trained) if args.lora_model and trained.is_file() else {}
+    return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags of chat_ner.py and serve.py."""
+    parser.add_argument("--base_model", required=True, help="Hugging Face model directory (merged Chinese-Alpaca)")
+    parser.add_argument("--lora_model", default=None, help="LoRA adapter directory; none = the base model alone")
+    parser.add_argument("--tokenizer_path", default=None, help="default: lora_model if it has one, else base_model")
+    parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
+                        "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
+
+
+def tokenizer_dir(args: argparse.Namespace) -> str:
+    """--tokenizer_path, else the adapter's own tokenizer when it ships one, else the base model's."""
+    if args.tokenizer_path:
+        return args.tokenizer_path
+    if args.lora_model and (Path(args.lora_model) / "tokenizer.model").is_file():
+        return args.lora_model
+    return args.base_model
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
+    tokenizer = load_tokenizer(tokenizer_dir(args))
+    print(f"Vocab of the tokenizer: {len(tokenizer)}")
+    model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer)
+    print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
+    return model, tokenizer

@@ -12,6 +12,7 @@ parity on MSRA.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,11 @@ def load_model(
 
         if not (Path(adapter_path) / "adapter_config.json").is_file():
             raise ModelLoadError(f"{adapter_path}: no adapter_config.json; pass the adapter_model directory")
-        model = PeftModel.from_pretrained(model, str(adapter_path))
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias; not the user's concern
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            model = PeftModel.from_pretrained(model, str(adapter_path))
     return model.to(device).eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tiny_models import make_tiny_model, write_tokenizer  # noqa: E402
+
+MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
 
 
 def import_script(name: str):
@@ -39,6 +42,52 @@ def chinese_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_alpaca(tmp_path_factory) -> Path:
     """A random 2-layer hidden-64 LlamaForCausalLM with the 49954-token Alpaca tokenizer. Read-only."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-alpaca", "alpaca")
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def memorized(tiny_alpaca, tmp_path_factory) -> dict:
+    """A LoRA trained hard on 12 rows (saved like training does), plus 12 unseen rows with entities."""
+    from dataset import load_data
+    from memorize import train_memorized_lora
+
+    work = tmp_path_factory.mktemp("memorized")
+    rows = load_data(MSRA)
+    seen = write_rows(work / "seen.txt", rows[:12])
+    unseen_rows = [r for r in rows[100:] if r["answer"] != "没有"][:12]
+    unseen = write_rows(work / "unseen.txt", unseen_rows)
+    save_dir, losses = train_memorized_lora(tiny_alpaca, rows[:12], work / "run", seen, epochs=120)
+    assert losses[-1] < losses[0]
+    return {
+        "base": tiny_alpaca,
+        "save_dir": save_dir,
+        "train_args": save_dir / "adapter_model" / "train_args.json",
+        "seen": seen,
+        "unseen": unseen,
+        "seen_rows": rows[:12],
+        "unseen_rows": unseen_rows,
+    }
+
+
+@pytest.fixture(scope="session")
+def ner_reference(memorized, tmp_path_factory) -> dict:
+    """Plain sentences (2 memorized, 1 unseen) and the answers test.py and predict.py give for them (defaults)."""
+    rows = memorized["seen_rows"][:2] + memorized["unseen_rows"][:1]
+    texts = [r["query"].removeprefix("文本：") for r in rows]
+    work = tmp_path_factory.mktemp("ner_reference")
+    write_rows(work / "dev.txt", rows)
+    train_args = f"--train_args_path={memorized['train_args']}"
+    import_script("test").main([train_args, f"--dev_path={work / 'dev.txt'}", f"--output_dir={work}"])
+    lines = (work / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = [json.loads(line)["prediction"] for line in lines]
+    (work / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert import_script("predict").main([train_args, f"--predict_path={work / 'texts.txt'}"]) == answers
+    assert answers[:2] == [r["answer"] for r in rows[:2]]
+    return {"texts": texts, "answers": answers}
 
 
 def read_hf_weights(model_dir: Path) -> dict:

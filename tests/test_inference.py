@@ -9,45 +9,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, import_script
-from dataset import build_prompt, load_data
+from dataset import build_prompt
 from io_utils import UserError
-from memorize import train_memorized_lora
 from model_utils import generate_answers, load_model, load_tokenizer
 from ner_constraint import NerConstraint, TextGrammar, text_of_query, vocab_of
-
-MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def memorized(tiny_alpaca, tmp_path_factory) -> dict:
-    """A LoRA trained hard on 12 rows (saved like training does), plus 12 unseen rows with entities."""
-    work = tmp_path_factory.mktemp("memorized")
-    rows = load_data(MSRA)
-    seen = write_rows(work / "seen.txt", rows[:12])
-    unseen_rows = [r for r in rows[100:] if r["answer"] != "没有"][:12]
-    unseen = write_rows(work / "unseen.txt", unseen_rows)
-    save_dir, losses = train_memorized_lora(tiny_alpaca, rows[:12], work / "run", seen, epochs=120)
-    assert losses[-1] < losses[0]
-    return {
-        "base": tiny_alpaca,
-        "save_dir": save_dir,
-        "train_args": save_dir / "adapter_model" / "train_args.json",
-        "seen": seen,
-        "unseen": unseen,
-        "seen_rows": rows[:12],
-        "unseen_rows": unseen_rows,
-    }
 
 
 @pytest.fixture(scope="session")
@@ -171,15 +141,15 @@ def test_test_py_constrained_untrained_model(memorized, tmp_path):
 
 
 def test_chat_ner_constrained(memorized, tmp_path, monkeypatch):
-    """chat_ner.py --ner on a random model: valid answers by default (sampling among the allowed tokens),
-    not with --constrained false."""
+    """chat_ner.py --ner on a random model, sampling: valid answers by default (sampled among the allowed
+    tokens), not with --constrained false."""
     texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
     data = tmp_path / "inputs.txt"
     data.write_text("\n".join(texts) + "\n", encoding="utf-8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     chat = import_script("chat_ner")
     argv = ["--base_model", str(memorized["base"]), "--only_cpu", "--ner", "--data_file", str(data)]
-    argv += ["--max_new_tokens", "24", "--seed", "0"]
+    argv += ["--max_new_tokens", "24", "--seed", "0", "--temperature", "0.8"]
     outputs = {}
     for flag in ("true", "false"):
         out = tmp_path / flag / "predictions.json"
@@ -308,49 +278,81 @@ def test_predict_bad_json_line(memorized, tmp_path):
 
 
 def chat_args(memorized, *extra: str) -> list[str]:
+    """chat_ner.py --ner on the memorized adapter, without sampling options: it must decode as test.py."""
+    adapter = str(memorized["save_dir"] / "adapter_model")
     return [
         "chat_ner.py",
         "--base_model",
         str(memorized["base"]),
         "--lora_model",
-        str(memorized["save_dir"] / "adapter_model"),
+        adapter,
         "--only_cpu",
         "--ner",
-        "--temperature",
-        "0",
-        "--repetition_penalty",
-        "1.0",
-        "--max_new_tokens",
-        "64",
         *extra,
     ]
 
 
+def assert_quiet_start(proc: subprocess.CompletedProcess) -> None:
+    """One decoding line, and no library warnings among our lines."""
+    decoding = [line for line in proc.stdout.splitlines() if line.startswith("decoding: ")]
+    assert decoding == [
+        "decoding: greedy, repetition_penalty 1.0, max_new_tokens 256 (as test.py; pass --temperature etc. to sample)"
+    ]
+    assert "Warning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", ["\n\n", ""], ids=["empty-line", "eof"])
-def test_chat_interactive_stdin(memorized, ending):
-    rows = memorized["seen_rows"][:2]
-    stdin = "\n".join(r["query"].removeprefix("文本：") for r in rows) + ending
+def test_chat_interactive_stdin(memorized, ner_reference, ending):
+    stdin = "\n".join(ner_reference["texts"]) + ending
     proc = run_script(*chat_args(memorized, "--interactive"), stdin=stdin)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     responses = re.findall(r"Response:  (.*?)\n\n\n", proc.stdout, re.S)
-    assert responses == [r["answer"] for r in rows]
+    assert responses == ner_reference["answers"]
+    assert_quiet_start(proc)
 
 
 @pytest.mark.slow
-def test_chat_data_file_writes_predictions(memorized, tmp_path):
-    rows = memorized["seen_rows"][:3]
+def test_chat_data_file_writes_predictions(memorized, ner_reference, tmp_path):
     data = tmp_path / "inputs.txt"
-    data.write_text("\n".join(r["query"].removeprefix("文本：") for r in rows) + "\n", encoding="utf-8")
+    data.write_text("\n".join(ner_reference["texts"]) + "\n", encoding="utf-8")
     out = tmp_path / "out" / "predictions.json"
     proc = run_script(*chat_args(memorized, "--data_file", str(data), "--predictions_file", str(out)))
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text(encoding="utf-8"))
-    assert [r["Output"] for r in results] == [r["answer"] for r in rows]
-    assert results[0]["Input"] == build_prompt(rows[0]["instruct"], rows[0]["query"])
+    assert [r["Output"] for r in results] == ner_reference["answers"]
+    row = memorized["seen_rows"][0]
+    assert results[0]["Input"] == build_prompt(row["instruct"], row["query"])
     settings = json.loads((out.parent / "generation_config.json").read_text(encoding="utf-8"))
-    assert settings["do_sample"] is False and settings["max_new_tokens"] == 64
+    assert settings == {"num_beams": 1, "do_sample": False, "max_new_tokens": 256}
+    assert_quiet_start(proc)
+
+
+def test_chat_decoding_defaults():
+    """--ner decodes as test.py unless sampling options are given; chat keeps the original's sampling."""
+    chat_ner = import_script("chat_ner")
+
+    def settings(*argv: str) -> dict:
+        return chat_ner.generation_config(chat_ner.parse_args(["--base_model", "m", *argv]))
+
+    assert settings("--ner") == {"num_beams": 1, "do_sample": False, "max_new_tokens": 256}
+    assert settings("--ner", "--max_new_tokens", "64")["max_new_tokens"] == 64
+    sampled = settings("--ner", "--temperature", "0.5")
+    assert sampled == {
+        "num_beams": 1,
+        "do_sample": True,
+        "temperature": 0.5,
+        "top_k": 40,
+        "top_p": 0.9,
+        "max_new_tokens": 256,
+    }
+    assert settings("--ner", "--repetition_penalty", "1.3")["repetition_penalty"] == 1.3
+    chat = {"num_beams": 1, "repetition_penalty": 1.3, "do_sample": True, "temperature": 0.2, "top_k": 40, "top_p": 0.9}
+    assert settings("--with_prompt") == {**chat, "max_new_tokens": 400}
+    assert chat_ner.describe_decoding(settings("--ner", "--temperature", "0.5"), True) == (
+        "decoding: sampling (temperature 0.5, top_k 40, top_p 0.9), repetition_penalty 1.0, max_new_tokens 256"
+    )
 
 
 def test_chat_tokenizer_smaller_than_model(memorized, chinese_tokenizer_dir):

@@ -1,0 +1,353 @@
+"""serve.py's HTTP app: OpenAI-style endpoints, /v1/ner with entity spans, the page, request checks.
+
+    app = create_app(model, tokenizer, args)   # args: serve.parse_args(...)
+    uvicorn.run(app)
+
+Generation goes through batching.Batcher (one worker thread, concurrent requests batched).
+Every bad request gets a 4xx JSON error in OpenAI's shape that names the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+
+from batching import Batcher, Job
+from dataset import NO_ENTITY, PROMPT_TEMPLATE, build_prompt
+from inference import ner_prompt
+from metrics import parse_line
+
+PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
+UNION_TAGS = {"str", "list[str]"}
+
+
+# ---- request shapes ------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class Sampling(BaseModel):
+    model: StrictStr | None = None  # any id is accepted: one model is served
+    max_tokens: StrictInt | None = None  # None: --max_new_tokens
+    temperature: float = Field(0, ge=0, le=2, strict=True)  # 0 = greedy (OpenAI's default is 1)
+    top_p: float = Field(1, gt=0, le=1, strict=True)
+    stream: StrictBool = False
+    n: Literal[1] = 1
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionRequest(Sampling):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+
+
+class NerRequest(BaseModel):
+    model: StrictStr | None = None
+    texts: Annotated[list[StrictStr], Field(min_length=1)]
+    constrained: StrictBool = True  # answers only '没有' or distinct '实体_类型' lines grounded in the text
+
+
+class ApiError(Exception):
+    """A bad request: status code, message, and the field it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def field_name(loc: tuple) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if part in UNION_TAGS:  # pydantic names the union member it tried: prompt.str
+            continue
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def validation_message(err: RequestValidationError) -> tuple[str, str]:
+    """(message, field) of the first validation error."""
+    first = err.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", "body"
+    name = field_name(tuple(first["loc"]))
+    if first["type"] == "missing":
+        return f"{name}: required field missing", name
+    return f"{name}: {first['msg']}", name
+
+
+# ---- prompts and answers -------------------------------------------------------------------
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The Alpaca prompt: for one user message exactly chat_ner.py --with_prompt's (`build_prompt`).
+
+    Earlier turns go between the template's first line and the last instruction; a system
+    message replaces the first line. The last message must be the user's.
+    """
+    if messages[-1].role != "user":
+        raise ApiError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's", "messages")
+    head = PROMPT_TEMPLATE.partition("### Instruction:")[0]
+    system = [m.content for m in messages if m.role == "system"]
+    history = "".join(
+        f"### Instruction:\n{m.content}\n\n" if m.role == "user" else f"### Response: {m.content}\n\n"
+        for m in messages[:-1]
+        if m.role != "system"
+    )
+    last = build_prompt(messages[-1].content)[len(head) :]
+    return ("\n".join(system) + "\n\n" if system else head) + history + last
+
+
+def entities(text: str, answer: str) -> list[dict[str, Any]]:
+    """The answer's distinct `实体_类型` lines in order, each with every [start, end) where it occurs in text."""
+    found: dict[tuple[str, str], None] = {}
+    for line in answer.splitlines():
+        pair = parse_line(line) if line.strip() != NO_ENTITY else None
+        if pair is not None:
+            found.setdefault(pair)
+    result = []
+    for name, kind in found:
+        spans = [[m.start(), m.start() + len(name)] for m in re.finditer(f"(?={re.escape(name)})", text)]
+        result.append({"text": name, "type": kind, "spans": spans})
+    return result
+
+
+# ---- the app -------------------------------------------------------------------------------
+
+
+class Limits:
+    """Authorization and body size, checked before a request reaches its endpoint (pure ASGI)."""
+
+    def __init__(self, app: Any, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+                return await response(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # read the whole body (a client still sending would miss an early answer)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+            more = message.get("more_body", False)
+        if size > MAX_BODY_BYTES:
+            response = error_response(413, f"body: larger than {MAX_BODY_BYTES} bytes; send fewer or shorter texts")
+            return await response(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # waits for the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """The ASGI app serving `model` (loaded once, used only by the batcher's worker thread).
+
+    `args.types` are the entity types of constrained /v1/ner answers (inference.adapter_entity_types).
+    """
+    app = FastAPI(title="Chinese-Alpaca NER", docs_url=None, redoc_url=None, openapi_url=None)
+    batcher = Batcher(model, tokenizer, args.max_batch_size)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, err.message, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(400, *validation_message(err))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return error_response(err.status_code, f"{request.url.path}: {err.detail}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        print(f"error: {request.url.path}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return error_response(500, "internal error; the server log has the details")
+
+    def max_tokens(request: Sampling) -> int:
+        value = args.max_new_tokens if request.max_tokens is None else request.max_tokens
+        if not 1 <= value <= args.max_new_tokens:
+            raise ApiError(400, f"max_tokens: {value} is not between 1 and {args.max_new_tokens}", "max_tokens")
+        return value
+
+    def check_length(prompt: str, new_tokens: int, name: str) -> int:
+        """Prompt tokens; an error when prompt + new tokens exceed the model's positions."""
+        count = len(tokenizer.encode(prompt, add_special_tokens=True))
+        if max_positions and count + new_tokens > max_positions:
+            raise ApiError(
+                400,
+                f"{name}: the prompt is {count} tokens; with {new_tokens} new tokens that exceeds the model's "
+                f"{max_positions} positions; shorten it or lower max_tokens",
+                name,
+            )
+        return count
+
+    def settings(request: Sampling) -> dict[str, Any]:
+        if request.temperature == 0:
+            return {}
+        return {"do_sample": True, "temperature": float(request.temperature), "top_p": float(request.top_p), "top_k": 0}
+
+    def usage(prompt_tokens: int, answers: list[str], limit: int) -> tuple[dict[str, int], list[str]]:
+        """Token usage and each answer's finish reason; answers are counted by re-tokenizing their text."""
+        counts = [min(limit, len(tokenizer.encode(a, add_special_tokens=False))) for a in answers]
+        reasons = ["length" if c >= limit else "stop" for c in counts]
+        used = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts)}
+        return {**used, "total_tokens": prompt_tokens + sum(counts)}, reasons
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": args.model_name, "queued": batcher.queued(), **batcher.stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": args.model_name, "object": "model", "created": created, "owned_by": "local"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/ner")
+    async def ner(request: NerRequest) -> dict[str, Any]:
+        if len(request.texts) > args.max_texts:
+            raise ApiError(400, f"texts: {len(request.texts)} texts; at most {args.max_texts} per request", "texts")
+        for i, text in enumerate(request.texts):
+            if not text.strip():
+                raise ApiError(400, f"texts[{i}]: empty text", f"texts[{i}]")
+            check_length(ner_prompt(text), args.max_new_tokens, f"texts[{i}]")
+        settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
+        answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
+        results = [
+            {"text": t, "answer": a, "entities": entities(t, a)} for t, a in zip(request.texts, answers, strict=True)
+        ]
+        return {"model": args.model_name, "results": results}
+
+    async def complete(prompts: list[str], request: Sampling, field: str) -> tuple[list[str], dict, list[str]]:
+        limit = max_tokens(request)
+        prompt_tokens = sum(check_length(p, limit, field) for p in prompts)
+        answers = await batcher.submit(Job("text", prompts, limit, settings(request)))
+        return answers, *usage(prompt_tokens, answers, limit)
+
+    def stream(prompt: str, request: Sampling, field: str, chunk: Any) -> StreamingResponse:
+        """Server-sent events: chunk(text, finish_reason) for each piece, then [DONE]."""
+        limit = max_tokens(request)
+        check_length(prompt, limit, field)
+
+        async def events() -> AsyncIterator[str]:
+            loop = asyncio.get_running_loop()
+            pieces: asyncio.Queue[str | None] = asyncio.Queue()
+            job = Job(
+                "text", [prompt], limit, settings(request), lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d)
+            )
+            task = asyncio.ensure_future(batcher.submit(job))
+            task.add_done_callback(lambda _: pieces.put_nowait(None))
+            yield sse(chunk("", None))
+            sent = ""
+            while (piece := await pieces.get()) is not None:
+                sent += piece
+                yield sse(chunk(piece, None))
+            try:
+                answer = task.result()[0]
+            except Exception as err:
+                print(f"error: streaming: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                yield sse(
+                    {"error": {"message": "internal error; the server log has the details", "type": "server_error"}}
+                )
+                return
+            if answer.startswith(sent) and len(answer) > len(sent):
+                yield sse(chunk(answer[len(sent) :], None))
+            yield sse(chunk("", usage(0, [answer], limit)[1][0]))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        prompt = chat_prompt(request.messages)
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": now, "model": args.model_name}
+        if request.stream:
+
+            def chunk(text: str, reason: str | None) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": text} if reason is None else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+            return stream(prompt, request, "messages", chunk)
+        answers, used, reasons = await complete([prompt], request, "messages")
+        message = {"role": "assistant", "content": answers[0]}
+        choice = {"index": 0, "message": message, "finish_reason": reasons[0], "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": used}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": now, "model": args.model_name}
+        if request.stream:
+            if len(prompts) > 1:
+                raise ApiError(400, "prompt: streaming takes one prompt", "prompt")
+
+            def chunk(text: str, reason: str | None) -> dict[str, Any]:
+                choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+                return {**head, "object": "text_completion", "choices": [choice]}
+
+            return stream(prompts[0], request, "prompt", chunk)
+        answers, used, reasons = await complete(prompts, request, "prompt")
+        choices = [
+            {"index": i, "text": a, "finish_reason": r, "logprobs": None}
+            for i, (a, r) in enumerate(zip(answers, reasons, strict=True))
+        ]
+        return {**head, "object": "text_completion", "choices": choices, "usage": used}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return Limits(app, args.api_key)
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

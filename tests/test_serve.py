@@ -1,0 +1,278 @@
+"""serve.py started for real (uvicorn, a free port) on the memorized tiny adapter.
+
+Clients: httpx, the official openai client, and headless Debian chromium for the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from conftest import ROOT
+from dataset import build_prompt
+from metrics import parse_entities
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="session")
+def server(memorized):
+    from serve import ServerProcess
+
+    adapter = str(memorized["save_dir"] / "adapter_model")
+    argv = ["--base_model", str(memorized["base"]), "--lora_model", adapter, "--only_cpu"]
+    with ServerProcess([*argv, "--max_texts", "8", "--api_key", KEY]) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def ner(client: httpx.Client, texts: list[str]) -> list[dict]:
+    response = client.post("/v1/ner", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def occurrences(text: str, entity: str) -> list[list[int]]:
+    """Every [start, end) of entity in text (overlapping too), by brute force."""
+    return [[i, i + len(entity)] for i in range(len(text)) if text.startswith(entity, i)]
+
+
+# ---- unit: entity spans -----------------------------------------------------------------------
+
+
+def test_entities_in_answer_order_with_every_span():
+    from http_api import entities
+
+    answer = "北京_地名\n上海_地名\n没有\n不是实体\n北京_地名\n京_地名"
+    assert entities("北京和北京", answer) == [
+        {"text": "北京", "type": "地名", "spans": [[0, 2], [3, 5]]},
+        {"text": "上海", "type": "地名", "spans": []},
+        {"text": "京", "type": "地名", "spans": [[1, 2], [4, 5]]},
+    ]
+    assert entities("aaa", "aa_人名") == [{"text": "aa", "type": "人名", "spans": [[0, 2], [1, 3]]}]
+
+
+# ---- the API ----------------------------------------------------------------------------------
+
+
+def test_health_and_models(server, openai_client):
+    health = httpx.get(server.url + "/health").json()  # no key needed
+    assert health["status"] == "ok" and health["model"] == "chinese-alpaca-ner"
+    assert [m.id for m in openai_client.models.list()] == ["chinese-alpaca-ner"]
+
+
+def test_ner_answers_equal_test_py(client, ner_reference):
+    results = ner(client, ner_reference["texts"])
+    assert [r["answer"] for r in results] == ner_reference["answers"]
+    for text, result in zip(ner_reference["texts"], results, strict=True):
+        assert result["text"] == text
+        pairs = {(e["text"], e["type"]) for e in result["entities"]}
+        assert pairs == parse_entities(result["answer"])
+        for e in result["entities"]:
+            assert e["spans"] == occurrences(text, e["text"])
+            assert all(text[s:t] == e["text"] for s, t in e["spans"])
+    assert results[0]["entities"] and all(e["spans"] for e in results[0]["entities"])  # a memorized row
+
+
+def test_ner_constrained_by_default(client, memorized):
+    """/v1/ner decodes under the NER constraint unless "constrained": false: the same answers as
+    inference.ner_answers with and without the training data's types, on unseen texts."""
+    from inference import ner_answers
+    from model_utils import load_model, load_tokenizer
+    from ner_constraint import load_entity_types
+
+    texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
+    constrained = [r["answer"] for r in ner(client, texts)]
+    response = client.post("/v1/ner", json={"texts": texts, "constrained": False})
+    plain = [r["answer"] for r in response.json()["results"]]
+    tokenizer = load_tokenizer(memorized["base"])
+    model = load_model(memorized["base"], memorized["save_dir"] / "adapter_model", "float32", "cpu", tokenizer)
+    assert plain == ner_answers(model, tokenizer, texts)
+    assert constrained == ner_answers(model, tokenizer, texts, types=load_entity_types("", memorized["seen"]))
+    for text, answer in zip(texts, constrained, strict=True):
+        lines = answer.split("\n")
+        assert answer == "没有" or len(set(lines)) == len(lines), answer
+        for entity, _, kind in (line.rpartition("_") for line in lines if answer != "没有"):
+            assert entity in text and kind in ("人名", "地名", "机构名"), answer
+
+
+def test_chat_and_completions_with_openai_client(openai_client, memorized):
+    row = memorized["seen_rows"][0]
+    chat = openai_client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": f"{row['instruct']}\n{row['query']}"}], temperature=0
+    )
+    assert chat.choices[0].message.content == row["answer"]  # one user message = the training prompt
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 0
+    completion = openai_client.completions.create(model="any", prompt=build_prompt(row["instruct"], row["query"]))
+    assert completion.choices[0].text == row["answer"]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
+    rows = [memorized["seen_rows"][1], memorized["unseen_rows"][2]]  # a memorized answer, an unknown one
+    reasons = []
+    for row in rows:
+        if endpoint == "chat":
+            kwargs = {"messages": [{"role": "user", "content": f"{row['instruct']}\n{row['query']}"}]}
+            create = openai_client.chat.completions.create
+        else:
+            kwargs = {"prompt": build_prompt(row["instruct"], row["query"])}
+            create = openai_client.completions.create
+        whole = create(model="m", max_tokens=40, **kwargs).choices[0]
+        chunks = list(create(model="m", max_tokens=40, stream=True, **kwargs))
+        if endpoint == "chat":
+            pieces = [c.choices[0].delta.content or "" for c in chunks]
+            text = whole.message.content
+        else:
+            pieces = [c.choices[0].text for c in chunks]
+            text = whole.text
+        assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
+        assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+        reasons.append(whole.finish_reason)
+    assert reasons[0] == "stop"
+
+
+def test_concurrent_ner_requests_are_batched(server, client, memorized):
+    texts = [r["query"].removeprefix("文本：") for r in memorized["seen_rows"]] * 2  # 24 requests
+    alone = {t: ner(client, [t])[0]["answer"] for t in texts[:12]}
+    before = client.get("/health").json()
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300) as c:
+            return await asyncio.gather(*(c.post("/v1/ner", json={"texts": [t]}) for t in texts))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 24
+    assert [r.json()["results"][0]["answer"] for r in responses] == [alone[t] for t in texts]
+    assert [alone[t] for t in texts[:12]] == [r["answer"] for r in memorized["seen_rows"]]
+    after = client.get("/health").json()
+    assert after["requests"] - before["requests"] == 24
+    assert after["batches"] - before["batches"] < 24  # several requests shared a generate call
+    assert after["largest_batch_requests"] > 1
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+MESSAGE = [{"role": "user", "content": "你好"}]
+BAD_REQUESTS = {
+    "invalid-json": ("/v1/ner", b'{"texts": ["a"', 400, "body"),
+    "not-an-object": ("/v1/ner", b'["a"]', 400, "body"),
+    "texts-missing": ("/v1/ner", {}, 400, "texts"),
+    "texts-not-a-list": ("/v1/ner", {"texts": "北京"}, 400, "texts"),
+    "text-not-a-string": ("/v1/ner", {"texts": ["北京", 3]}, 400, "texts[1]"),
+    "texts-empty": ("/v1/ner", {"texts": []}, 400, "texts"),
+    "text-blank": ("/v1/ner", {"texts": ["北京", " "]}, 400, "texts[1]"),
+    "too-many-texts": ("/v1/ner", {"texts": ["北京"] * 9}, 400, "texts"),
+    "text-too-long": ("/v1/ner", {"texts": ["北京" * 400]}, 400, "texts[0]"),
+    "body-over-1mb": ("/v1/ner", {"texts": ["北" * 400_000]}, 413, "body"),
+    "max-tokens-negative": ("/v1/chat/completions", {"messages": MESSAGE, "max_tokens": -1}, 400, "max_tokens"),
+    "max-tokens-huge": ("/v1/completions", {"prompt": "你好", "max_tokens": 10**9}, 400, "max_tokens"),
+    "max-tokens-string": ("/v1/completions", {"prompt": "你好", "max_tokens": "5"}, 400, "max_tokens"),
+    "unknown-role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    "last-not-user": (
+        "/v1/chat/completions",
+        {"messages": [*MESSAGE, {"role": "assistant", "content": "x"}]},
+        400,
+        "messages",
+    ),
+    "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    "temperature-negative": ("/v1/chat/completions", {"messages": MESSAGE, "temperature": -1}, 400, "temperature"),
+    "prompt-missing": ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    "n-above-1": ("/v1/completions", {"prompt": "你好", "n": 2}, 400, "n"),
+    "constrained-not-a-bool": ("/v1/ner", {"texts": ["北京"], "constrained": "no"}, 400, "constrained"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_is_a_4xx_json_error(client, case):
+    path, body, status, name = case
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert name in error["message"] and "Traceback" not in response.text
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_api_key_required(server, headers):
+    response = httpx.post(server.url + "/v1/ner", json={"texts": ["北京"]}, headers=headers)
+    assert response.status_code == 401
+    assert "API key" in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 401
+
+
+def test_unknown_path_and_method(client):
+    missing = client.get("/v1/nothing")
+    assert missing.status_code == 404 and "/v1/nothing" in missing.json()["error"]["message"]
+    assert client.get("/v1/ner").status_code == 405
+
+
+# ---- start-up errors -------------------------------------------------------------------------
+
+
+def assert_exit_2(argv: list[str], *needles: str) -> None:
+    proc = subprocess.run([sys.executable, "serve.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_startup_errors(tmp_path, memorized):
+    assert_exit_2(["--base_model", str(tmp_path / "no_model"), "--port", "0"], "no_model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_exit_2(["--base_model", str(memorized["base"]), "--port", str(port)], f"127.0.0.1:{port}", "--port")
+
+
+# ---- the page ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (make setup installs it)")
+def test_page_highlights_entities_in_chromium(server, memorized):
+    def nested(pairs: set) -> bool:
+        return any(a != b and a in b for a, _ in pairs for b, _ in pairs)
+
+    row = next(r for r in memorized["seen_rows"] if r["answer"] != "没有" and not nested(parse_entities(r["answer"])))
+    text = row["query"].removeprefix("文本：")
+    url = f"{server.url}/?text={quote(text)}#key={KEY}"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000", "--dump-dom", url]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    marks = [
+        (html.unescape(name), kind) for kind, name in re.findall(r'<mark data-type="([^"]+)"[^>]*>([^<]*)</mark>', dom)
+    ]
+    gold = parse_entities(row["answer"])
+    assert set(marks) == gold
+    assert len(marks) == sum(len(occurrences(text, name)) for name, _ in gold)  # every occurrence
+    result = re.search(r'<div id="result">(.*?)</div>', dom, re.S).group(1)
+    assert html.unescape(re.sub(r"<[^>]+>", "", result)) == text  # the text, unchanged around the marks
+    assert html.unescape(re.search(r'<pre id="raw">(.*?)</pre>', dom, re.S).group(1)) == row["answer"]
+    assert all(f">{kind}</span>" in dom for _, kind in gold)  # the legend
