@@ -22,8 +22,15 @@ from typing import Any
 import torch
 
 from dataset import DataError, build_prompt, ner_row
-from io_utils import atomic_write_text, run_cli
-from model_utils import generate_answers, load_model, load_tokenizer
+from io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
+from model_utils import (
+    adapter_weights_file,
+    check_model_dir,
+    generate_answers,
+    input_files,
+    load_model,
+    load_tokenizer,
+)
 
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]
 BANNER = (
@@ -58,6 +65,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers that cannot be right, and output paths that cannot be written, stop the run before loading."""
+    for name, ok, rule in (
+        ("batch_size", args.batch_size > 0, "> 0"),
+        ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
+        ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("repetition_penalty", args.repetition_penalty > 0, "> 0 (1 = none)"),
+    ):
+        if not ok:
+            raise UserError(f"--{name} {getattr(args, name)} must be {rule}")
+    if args.interactive:
+        return  # the REPL writes no file
+    inputs = [args.data_file] if args.data_file else []
+    for folder in (args.base_model, args.lora_model, args.tokenizer_path):
+        inputs += input_files(folder) if folder else []
+    out = check_output_file(args.predictions_file, "--predictions_file", inputs)
+    check_output_file(out.parent / "generation_config.json", "--predictions_file's folder", inputs)
+
+
 def generation_config(args: argparse.Namespace) -> dict[str, Any]:
     """The generate() settings; temperature 0 means greedy."""
     config: dict[str, Any] = {"num_beams": 1, "repetition_penalty": args.repetition_penalty}
@@ -82,11 +110,7 @@ def read_inputs(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: --data_file not found; pass a text file with one input per line")
-    try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    inputs = [line for line in lines if line]
+    inputs = [line.strip() for line in read_lines(file, DataError) if line.strip()]
     if not inputs:
         raise DataError(f"{file}: no inputs; write one per line")
     return inputs
@@ -103,6 +127,9 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer); embeddings grow to a larger tokenizer, a smaller one is an error."""
     device = "cpu" if args.only_cpu else None
+    check_model_dir(args.base_model)
+    if args.lora_model:
+        adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
     model = load_model(args.base_model, args.lora_model, args.dtype, device, tokenizer)
@@ -149,6 +176,7 @@ def run_file(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_args(args)
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
     inputs = read_inputs(args.data_file) if args.data_file else SAMPLE_DATA
     if args.seed is not None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
+from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
 from dataset import build_prompt
-from model_utils import load_model, load_tokenizer
+from model_utils import adapter_weights_file, check_model_dir, load_model, load_tokenizer
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -52,7 +52,9 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
         raise ConfigError(f"{path}: missing key {missing[0]!r}; this is not a train_args.json written by training")
     defaults = {**trained, **{k: v for k, v in {**EVAL_DEFAULTS, **extra}.items() if k not in trained}}
     defaults["train_args_path"] = path
-    return ConfigParser(defaults, description).parse(argv)
+    config = ConfigParser(defaults, description).parse(argv)
+    require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    return config
 
 
 def adapter_dir(config: Config) -> Path | None:
@@ -64,8 +66,11 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     adapter = adapter_dir(config)
+    check_model_dir(config.model_dir)
+    if adapter:
+        adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
+    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
     model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
     return model, tokenizer
