@@ -93,7 +93,11 @@ def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
         raise ModelLoadError(f"{model_file} not found: the tokenizer directory needs the sentencepiece tokenizer.model")
     special_map = _read_json(folder / "special_tokens_map.json")
     added = _read_json(folder / "added_tokens.json")
-    tokenizer = LlamaSentencePieceTokenizer(str(model_file))
+    try:
+        tokenizer = LlamaSentencePieceTokenizer(str(model_file))
+    except RuntimeError as err:  # sentencepiece: "could not parse ModelProto"
+        reason = "sentencepiece cannot parse it" if "parse" in str(err) else str(err)
+        raise ModelLoadError(f"{model_file}: damaged or incomplete ({reason}); download it again") from None
     for token, token_id in sorted(added.items(), key=lambda item: item[1]):
         existing = tokenizer.sp_model.piece_to_id(token)
         if tokenizer.sp_model.id_to_piece(existing) == token:

@@ -90,6 +90,7 @@ CASES: dict[str, Case] = {
     "test/adapter-empty": Case("test", [*TEST, "--adapter_path={adapter_empty}"], 2, "no adapter_model"),
     "test/adapter-damaged": Case("test", [*TEST, "--adapter_path={adapter_damaged}"], 2, "damaged"),
     "test/model-damaged": Case("test", [*TEST, "--model_dir={tiny_damaged}"], 2, "damaged"),
+    "test/tokenizer-damaged": Case("test", [*TEST, "--tokenizer_path={tokenizer_damaged}"], 2, "damaged"),
     "test/no-room-for-input": Case("test", [*TEST, "--max_new_tokens=600", "--max_rows=1"], 2, "max_new_tokens=600"),
     # predict.py
     "predict/gbk": Case("predict", [*PREDICT, "--predict_path={text_gbk}"], 2, "GB18030"),
@@ -122,6 +123,7 @@ CASES: dict[str, Case] = {
     "export/output-is-dir": Case("export", [*EXPORT, "--output", "{out}"], 2, "is a directory"),
     "export/broken-config": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_config}"], 2, "config.json"),
     "export/damaged-weights": Case("export", [*EXPORT, "--model_dir", "{tiny_damaged}"], 2, "damaged"),
+    "export/damaged-tokenizer": Case("export", [*EXPORT, "--tokenizer_dir", "{tokenizer_damaged}"], 2, "damaged"),
 }
 SUBPROCESS_ROWS = ["train_trainer/lora-typo", "test/adapter-other-size", "export/overwrite-tokenizer"]
 
@@ -202,6 +204,9 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     # model folders: damaged weights, broken config.json
     w["tiny_damaged"] = linked_copy(tiny_alpaca, root / "tiny_damaged")
     truncated(w["tiny_damaged"] / "model.safetensors", tiny_alpaca / "model.safetensors")
+    w["tokenizer_damaged"] = root / "tokenizer_damaged"
+    w["tokenizer_damaged"].mkdir()
+    truncated(w["tokenizer_damaged"] / "tokenizer.model", tiny_alpaca / "tokenizer.model")
     w["tiny_bad_config"] = linked_copy(tiny_alpaca, root / "tiny_bad_config")
     (w["tiny_bad_config"] / "config.json").unlink()
     (w["tiny_bad_config"] / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64\n')
