@@ -115,14 +115,18 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
 
 
 def check_save_dir(args: Config) -> None:
-    """save_dir must be a directory path, and no input may lie in the adapter folder that every save replaces."""
-    save_dir = check_output_dir_path(args.save_dir, "save_dir")
-    adapter = (save_dir / ADAPTER_DIR).resolve()
+    """save_dir must be a directory path, and no input may lie in a folder that saving replaces or deletes
+    (adapter_model, the Trainer's rotated checkpoint-N, DeepSpeed's checkpoints)."""
+    save_dir = check_output_dir_path(args.save_dir, "save_dir").resolve()
     for key in ("model_dir", "peft_path", "train_path", "dev_path", "deepspeed_json_path"):
         value = getattr(args, key)
-        if value and (Path(value).resolve() == adapter or adapter in Path(value).resolve().parents):
+        path = Path(value).resolve() if value else None
+        if path is None or save_dir not in path.parents:
+            continue
+        top = path.relative_to(save_dir).parts[0]
+        if top in (ADAPTER_DIR, "deepspeed_checkpoint") or top.startswith("checkpoint-"):
             raise ConfigError(
-                f"{key}={value} is inside {save_dir / ADAPTER_DIR}, which every save replaces: "
+                f"{key}={value} is inside {Path(args.save_dir) / top}, which training replaces or deletes: "
                 "choose another save_dir (or copy the input elsewhere first)"
             )
 
