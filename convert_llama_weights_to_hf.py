@@ -21,17 +21,15 @@ from tqdm import tqdm
 
 from io_utils import atomic_dir, run_cli
 from llama_layout import (
-    MODEL_SIZE_BY_DIM,
-    check_output_dir,
+    expected_shapes,
     hf_sort_key,
     meta_shard_dim,
     meta_to_hf_name,
     params_to_config,
     permute,
-    report_checksums,
     rotary_heads,
-    tokenizer_claim,
 )
+from model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, tokenizer_claim
 from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
 from tensor_io import (
     SafetensorsShards,
@@ -87,20 +85,6 @@ def open_shards(weights_dir: Path) -> list[TorchZipFile]:
         return [TorchZipFile(f) for f in files]
     except TensorFileError as err:
         raise ModelLoadError(str(err)) from None
-
-
-def expected_shapes(params: dict, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) Meta tensor shapes implied by params.json."""
-    config = params_to_config(params, vocab)
-    dim, inter = config["hidden_size"], config["intermediate_size"]
-    kv_dim = dim // config["num_attention_heads"] * config["num_key_value_heads"]
-    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
-    for i in range(params["n_layers"]):
-        layer = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
-        layer |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
-        layer |= {"feed_forward.w3": (inter, dim), "attention_norm": (dim,), "ffn_norm": (dim,)}
-        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in layer.items()}
-    return shapes
 
 
 def check_geometry(shards: list[TorchZipFile], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -32,21 +32,17 @@ from llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_layout import (
     IGNORED_HF_SUFFIXES,
     META_SHARDS_BY_DIM,
-    MODEL_SIZE_BY_DIM,
-    check_output_dir,
     config_to_params,
     hf_sort_key,
     hf_to_meta_name,
-    hf_weight_files,
     merge_lora_weight,
     meta_shard_dim,
     parse_adapter_key,
-    report_checksums,
     rotary_heads,
     split_sizes,
-    tokenizer_claim,
     unpermute,
 )
+from model_files import MODEL_SIZE_BY_DIM, check_output_dir, hf_weight_files, report_checksums, tokenizer_claim
 from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, save_tokenizer
 from tensor_io import (
     SafetensorsShards,

@@ -10,13 +10,17 @@ weights near zero would stop a LoRA from learning.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from io_utils import atomic_dir
+from llama_layout import expected_shapes, meta_shard_dim, params_to_config
 from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
+from tensor_io import TensorInfo, TorchZipWriter
 
 HUB = Path(__file__).resolve().parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"
@@ -121,13 +125,6 @@ def make_tiny_original(
     """A random fp16 LLaMA in Meta's original layout: out_dir/tokenizer.model (the real LLaMA one)
     and out_dir/<model_size>/consolidated.NN.pth (n_shards, split as Meta splits) + params.json.
     Written tensor by tensor, so any geometry fits in memory (7B: dim 4096, 32 layers, 32 heads, 256)."""
-    import contextlib
-    import json
-
-    from convert_llama_weights_to_hf import expected_shapes
-    from llama_layout import meta_shard_dim
-    from tensor_io import TensorInfo, TorchZipWriter
-
     out_dir = Path(out_dir)
     weights = out_dir / model_size
     weights.mkdir(parents=True, exist_ok=True)
@@ -187,8 +184,6 @@ def _adapter_config_2023(base: str, r: int, lora_alpha: float) -> dict:
 
 
 def _write_lora_2023(out_dir: Path, config: dict, vocab: str, r: int, lora_alpha: float, gen) -> Path:
-    import json
-
     tokenizer = load_tokenizer(write_tokenizer(out_dir, vocab))
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads = config["num_attention_heads"]
@@ -214,10 +209,6 @@ def _write_lora_2023(out_dir: Path, config: dict, vocab: str, r: int, lora_alpha
 
 def _base_geometry(base_dir: Path) -> dict:
     """HF config keys of a model directory: its config.json, or Meta's params.json (here or in 7B/)."""
-    import json
-
-    from llama_layout import params_to_config
-
     if (base_dir / "config.json").is_file():
         return json.loads((base_dir / "config.json").read_text())
     for params in (base_dir / "params.json", base_dir / "7B" / "params.json"):

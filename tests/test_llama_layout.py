@@ -10,7 +10,6 @@ from safetensors import safe_open
 
 from llama_layout import (
     HF_TO_META,
-    checksum_verdict,
     config_to_params,
     hf_to_meta_name,
     llama_intermediate_size,
@@ -22,6 +21,7 @@ from llama_layout import (
     split_sizes,
     unpermute,
 )
+from model_files import checksum_verdict
 from tensor_io import SafetensorsFile, SafetensorsShards, TensorInfo, TorchZipFile, TorchZipWriter, plan_shards
 
 
