@@ -23,9 +23,9 @@ import torch
 
 from dataset import DataError, build_prompt, ner_row
 from io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
+from model_files import check_model_files
 from model_utils import (
     adapter_weights_file,
-    check_model_dir,
     generate_answers,
     input_files,
     load_model,
@@ -127,7 +127,7 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer); embeddings grow to a larger tokenizer, a smaller one is an error."""
     device = "cpu" if args.only_cpu else None
-    check_model_dir(args.base_model)
+    check_model_files(args.base_model)
     if args.lora_model:
         adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))

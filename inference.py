@@ -17,7 +17,8 @@ import torch
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
 from dataset import build_prompt
-from model_utils import adapter_weights_file, check_model_dir, load_model, load_tokenizer
+from model_files import check_model_files
+from model_utils import adapter_weights_file, load_model, load_tokenizer
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -67,7 +68,7 @@ def adapter_dir(config: Config) -> Path | None:
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
     adapter = adapter_dir(config)
-    check_model_dir(config.model_dir)
+    check_model_files(config.model_dir)
     if adapter:
         adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, require, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from io_utils import atomic_dir, check_output_dir_path
+from model_files import check_model_files
 from model_utils import adapter_weights_file, check_adapter_fits, check_model_dir, load_tokenizer, match_vocab
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -105,7 +106,7 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     dev_rows = load_data(args.dev_path, columns) if args.dev_path else []
     if args.dev_max_rows > 0:
         dev_rows = dev_rows[: args.dev_max_rows]
-    check_model_dir(args.model_dir)
+    check_model_files(args.model_dir)
     if args.peft_path:
         adapter_weights_file(args.peft_path)
     read_deepspeed_json(args.deepspeed_json_path)
