@@ -125,7 +125,7 @@ CASES: dict[str, Case] = {
     "export/damaged-weights": Case("export", [*EXPORT, "--model_dir", "{tiny_damaged}"], 2, "damaged"),
     "export/damaged-tokenizer": Case("export", [*EXPORT, "--tokenizer_dir", "{tokenizer_damaged}"], 2, "damaged"),
 }
-SUBPROCESS_ROWS = ["train_trainer/lora-typo", "test/adapter-other-size", "export/overwrite-tokenizer"]
+SUBPROCESS_ROWS = ["process/gbk", "chat/lora-empty", "export/overwrite-tokenizer"]
 
 
 # ----------------------------------------------------------------------------- the world the cases read
