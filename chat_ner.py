@@ -23,14 +23,8 @@ import torch
 
 from dataset import DataError, build_prompt, ner_row
 from io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
-from model_files import check_model_files
-from model_utils import (
-    adapter_weights_file,
-    generate_answers,
-    input_files,
-    load_model,
-    load_tokenizer,
-)
+from model_files import check_model_files, input_files
+from model_utils import adapter_weights_file, generate_answers, load_model, load_tokenizer
 
 SAMPLE_DATA = ["为什么要减少污染，保护环境？"]
 BANNER = (

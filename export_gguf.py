@@ -20,8 +20,8 @@ from tqdm import tqdm
 from io_utils import check_output_file, read_json_object, run_cli
 from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
 from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from model_files import hf_weight_files
-from model_utils import ModelLoadError, input_files, load_tokenizer
+from model_files import hf_weight_files, input_files
+from model_utils import ModelLoadError, load_tokenizer
 from tensor_io import TensorSource, print_summary
 
 

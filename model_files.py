@@ -110,3 +110,27 @@ def check_model_files(model_dir: str | Path) -> list[Path]:
     files = hf_weight_files(check_model_dir(model_dir))
     check_weight_files(files)
     return files
+
+
+def input_files(folder: str | Path) -> list[Path]:
+    """The files of a model, tokenizer or adapter folder that loading reads (no output may replace one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [folder]
+    patterns = ("*.json", "*.model", "*.safetensors", "*.bin", "*.pth")
+    files = {p for pattern in patterns for p in folder.glob(pattern)}
+    return sorted(p for p in files if p.name in READ_FILES or p.suffix != ".json")
+
+
+READ_FILES = {
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "adapter_config.json",
+    "params.json",
+    "train_args.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+}

@@ -182,28 +182,6 @@ def check_weight_files(files: list[Path]) -> None:
         open_tensor_file(file)
 
 
-def input_files(folder: str | Path) -> list[Path]:
-    """The files of a model, tokenizer or adapter folder that loading reads (no output may replace one)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return [folder]
-    patterns = ("*.json", "*.model", "*.safetensors", "*.bin", "*.pth")
-    files = {p for pattern in patterns for p in folder.glob(pattern)}
-    return sorted(p for p in files if p.name in READ_FILES or p.suffix != ".json")
-
-
-READ_FILES = {
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "adapter_config.json",
-    "params.json",
-    "train_args.json",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-}
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
