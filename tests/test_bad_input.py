@@ -22,9 +22,13 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import ROOT, import_script
+from dataset import load_data
 from io_utils import run_cli
+from memorize import train_memorized_lora
+from tiny_models import make_tiny_chinese_loras, make_tiny_original
 
 MSRA_ROWS = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
 MSRA_BIO = ROOT / "data" / "msra" / "ori_data" / "msra_test_bio.txt"
@@ -154,11 +158,6 @@ def truncated(dst: Path, src: Path, keep: float = 0.6) -> Path:
 
 @pytest.fixture(scope="session")
 def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    from memorize import train_memorized_lora
-    from tiny_models import make_tiny_chinese_loras, make_tiny_original
-
     root = tmp_path_factory.mktemp("bad_input_world")
     lines = MSRA_ROWS.read_text(encoding="utf-8").splitlines()[:3]
     w = {"root": root, "tiny": tiny_alpaca, "ds": DS_JSON}
@@ -180,8 +179,6 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     w["broken_json"].write_text('{"model_dir": "x",\n', encoding="utf-8")
 
     # an (untrained) LoRA with train_args.json, as training saves it; and broken variants of it
-    from dataset import load_data
-
     w["run"], _ = train_memorized_lora(tiny_alpaca, load_data(w["dev"]), root / "run", w["dev"], epochs=0)
     w["adapter"] = w["run"] / "adapter_model"
     w["train_args"] = w["adapter"] / "train_args.json"
