@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
+from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
 from dataset import build_prompt, ner_row
-from model_utils import generate_answers, load_model, load_tokenizer
+from model_files import check_model_files
+from model_utils import adapter_weights_file, generate_answers, load_model, load_tokenizer
 from ner_constraint import NerConstraint, load_entity_types, text_of_query
 
 EVAL_DEFAULTS = {
@@ -60,7 +61,9 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
         raise ConfigError(f"{path}: missing key {missing[0]!r}; this is not a train_args.json written by training")
     defaults = {**trained, **{k: v for k, v in {**EVAL_DEFAULTS, **extra}.items() if k not in trained}}
     defaults["train_args_path"] = path
-    return ConfigParser(defaults, description).parse(argv)
+    config = ConfigParser(defaults, description).parse(argv)
+    require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    return config
 
 
 def adapter_dir(config: Config) -> Path | None:
@@ -72,8 +75,11 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     adapter = adapter_dir(config)
+    check_model_files(config.model_dir)
+    if adapter:
+        adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
+    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
     model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
     return model, tokenizer
@@ -153,6 +159,9 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
+    check_model_files(args.base_model)
+    if args.lora_model:
+        adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
     model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer)

@@ -123,8 +123,8 @@ def save(engine, args: Config, state: dict) -> None:
     remove_old_checkpoints(checkpoints, keep=tag)
 
 
-def main() -> None:
-    args = parse_train_args(DEFAULTS, __doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_train_args(DEFAULTS, __doc__, argv)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     init_distributed()
     import deepspeed

@@ -122,8 +122,8 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def main() -> None:
-    args = parse_train_args(DEFAULTS, __doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_train_args(DEFAULTS, __doc__, argv)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     init_distributed()
     print_run_config(args)

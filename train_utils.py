@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, save_config
+from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, require, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
-from io_utils import atomic_dir
-from model_utils import check_model_dir, load_tokenizer, match_vocab
+from io_utils import atomic_dir, check_output_dir_path
+from model_files import check_model_files
+from model_utils import adapter_weights_file, check_adapter_fits, check_model_dir, load_tokenizer, match_vocab
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
@@ -73,11 +74,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str] | None = None) -> Config:
     """Resolve the command line against `defaults`; values that cannot be right fail here."""
     args = ConfigParser(defaults, description).parse_main(argv)
-    positive = ["lora_r", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size"]
-    positive += ["gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps"]
-    for key in positive:
-        if getattr(args, key) <= 0:
-            raise ConfigError(f"{key}={getattr(args, key)} must be > 0")
+    positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
+    positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps")
+    require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
     if not 0 <= args.warmup_ratio < 1:
@@ -107,11 +106,57 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     dev_rows = load_data(args.dev_path, columns) if args.dev_path else []
     if args.dev_max_rows > 0:
         dev_rows = dev_rows[: args.dev_max_rows]
-    check_model_dir(args.model_dir)
-    if args.peft_path and not (Path(args.peft_path) / "adapter_config.json").is_file():
-        raise ConfigError(f"peft_path={args.peft_path!r}: no adapter_config.json there; pass a LoRA directory")
+    check_model_files(args.model_dir)
+    if args.peft_path:
+        adapter_weights_file(args.peft_path)
     read_deepspeed_json(args.deepspeed_json_path)
+    check_save_dir(args)
+    check_lora_targets(args)
     return train_rows, dev_rows
+
+
+def check_save_dir(args: Config) -> None:
+    """save_dir must be a directory path, and no input may lie in a folder that saving replaces or deletes
+    (adapter_model, the Trainer's rotated checkpoint-N, DeepSpeed's checkpoints)."""
+    save_dir = check_output_dir_path(args.save_dir, "save_dir").resolve()
+    for key in ("model_dir", "peft_path", "train_path", "dev_path", "deepspeed_json_path"):
+        value = getattr(args, key)
+        path = Path(value).resolve() if value else None
+        if path is None or save_dir not in path.parents:
+            continue
+        top = path.relative_to(save_dir).parts[0]
+        if top in (ADAPTER_DIR, "deepspeed_checkpoint") or top.startswith("checkpoint-"):
+            raise ConfigError(
+                f"{key}={value} is inside {Path(args.save_dir) / top}, which training replaces or deletes: "
+                "choose another save_dir (or copy the input elsewhere first)"
+            )
+
+
+def check_lora_targets(args: Config) -> None:
+    """Every lora_target_modules name must match a layer of the model: peft would skip a typo silently.
+
+    The model is built on the meta device (no memory, no weights read) from config.json.
+    """
+    if args.peft_path:
+        return  # the LoRA's own targets are used
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(args.model_dir) / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(args.model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{config_file}: transformers cannot build a model from it ({reason})") from None
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    for target in args.lora_target_modules:
+        if not any(name == target or name.endswith("." + target) for name in layers):
+            existing = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise ConfigError(
+                f"lora_target_modules: {target!r} matches no layer of {args.model_dir}; its layers are "
+                f"{', '.join(existing)} (e.g. lora_target_modules=q_proj,v_proj)"
+            )
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
@@ -204,6 +249,7 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.peft_path:
+        check_adapter_fits(model, args.peft_path, args.model_dir)
         model = PeftModel.from_pretrained(model, args.peft_path, is_trainable=True)
     else:
         try:
@@ -341,7 +387,7 @@ def load_state(save_dir: str | Path) -> dict[str, Any] | None:
     path = Path(save_dir) / ADAPTER_DIR / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return load_config(path)
 
 
 def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
