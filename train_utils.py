@@ -352,31 +352,3 @@ def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
     for path in folder.iterdir():
         if path.is_dir() and path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- recipes
-
-
-HARD_TRAIN_OVERRIDES: dict[str, Any] = {
-    "lora_r": 32,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "learning_rate": 3e-3,
-    "warmup_ratio": 0.0,
-    "train_batch_size": 4,
-    "num_train_epochs": 70,
-    "save_steps": 100000,
-    "log_steps": 20,
-    "dev_path": "",
-}
-
-
-def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str | Path, **overrides: Any) -> list[str]:
-    """Overrides that make a LoRA memorize a handful of rows (tests, the demo).
-
-    On a 2-layer hidden-64 model with the 49954-token vocabulary, 12 MSRA rows are reproduced
-    exactly by greedy decoding after ~70 epochs (tests/test_train.py checks it).
-    """
-    values = {**HARD_TRAIN_OVERRIDES, **overrides}
-    values.update(model_dir=str(model_dir), train_path=str(train_path), save_dir=str(save_dir))
-    return [f"{key}={','.join(v) if isinstance(v, list) else v}" for key, v in values.items()]

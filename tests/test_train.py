@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
+from demo import hard_train_argv
 from model_utils import load_model, load_tokenizer
 from tiny_models import make_tiny_model
 from train_utils import (
@@ -31,7 +32,6 @@ from train_utils import (
     causal_lm_loss,
     deepspeed_config,
     free_port,
-    hard_train_argv,
     parse_train_args,
     resolve_precision,
 )
