@@ -5,7 +5,10 @@
     model = build_model(args, load_train_tokenizer(args), "fp32")
     loss = causal_lm_loss(model, TrainCollate(args, tokenizer).collate_fn(rows[:12]))
 
-Each trainer keeps its own loop; this module holds what both need once. Batches are
+Each trainer keeps its own loop; this module holds what both need once, including the resume
+contract: both save save_dir/adapter_model/ with the adapter, train_args.json and STATE_FILE
+(`resume_state`: step, total steps, process count, resolved config, optimizer checkpoint), both
+refuse a resume whose SAME_FOR_RESUME keys differ (`check_resume`), and both end with `run_summary`. Batches are
 padded to their own length and left-aligned, so every answer token sits in the last few
 positions and the LM head runs only there (`logits_to_keep`): on LLaMA's 49954-token
 vocabulary the head is most of a small model's compute and most of a big one's memory.
@@ -30,7 +33,10 @@ from model_utils import check_model_dir, load_tokenizer, match_vocab
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
-STATE_FILE = "trainer_state.json"  # beside the adapter: where a resumed run starts
+STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
+# a resumed run must agree with the saved one on these (model, data, batch settings, process count)
+SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
+SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data_name": "msra",  # dataset name; test.py/predict.py read it from train_args.json
@@ -336,12 +342,44 @@ def save_adapter(model: torch.nn.Module, save_dir: str | Path, args: Config, sta
     return out
 
 
+def resume_state(args: Config, global_step: int, total_steps: int, checkpoint: str) -> dict[str, Any]:
+    """What both trainers save beside the adapter (STATE_FILE): the step reached, the run's length,
+    the process count, the resolved config, and the optimizer checkpoint (relative to save_dir)."""
+    return {
+        "global_step": global_step,
+        "total_steps": total_steps,
+        "world_size": world_size(),
+        "checkpoint": checkpoint,
+        "train_args": args.to_dict(),
+    }
+
+
 def load_state(save_dir: str | Path) -> dict[str, Any] | None:
     """The state saved beside the last adapter, or None when there is none."""
     path = Path(save_dir) / ADAPTER_DIR / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return load_config(path, fix="start over with resume=false")
+
+
+def check_resume(state: dict[str, Any], args: Config) -> None:
+    """A resumed run must see the same model, data, batch settings and process count as the saved one."""
+    saved = {**state["train_args"], "world_size": state["world_size"]}
+    now = {**args.to_dict(), "world_size": world_size()}
+    for key in SAME_FOR_RESUME:
+        if saved.get(key) != now.get(key):
+            fix = f"start {saved[key]} processes" if key == "world_size" else f"pass {key}={saved.get(key)}"
+            raise ConfigError(
+                f"resume: {key} was {saved.get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"{fix} or start over with resume=false"
+            )
+
+
+def run_summary(steps: int, seconds: float, train_loss: float, dev_loss: float | None, save_dir: str | Path) -> str:
+    """The one line both trainers end with."""
+    dev = f", dev loss {dev_loss:.4f}" if dev_loss is not None else ""
+    adapter = Path(save_dir) / ADAPTER_DIR
+    return f"done: {steps} steps in {seconds:.0f}s, train loss {train_loss:.4f}{dev}; adapter in {adapter}"
 
 
 def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
