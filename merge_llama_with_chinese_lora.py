@@ -36,10 +36,9 @@ from llama_layout import (
     hf_sort_key,
     hf_to_meta_name,
     merge_lora_weight,
-    meta_shard_dim,
     parse_adapter_key,
     rotary_heads,
-    split_sizes,
+    shard_pieces,
     unpermute,
 )
 from model_files import MODEL_SIZE_BY_DIM, check_output_dir, hf_weight_files, report_checksums, tokenizer_claim
@@ -260,10 +259,7 @@ def meta_pieces(name: str, tensor: torch.Tensor, config: dict, n_shards: int) ->
     if heads is not None:
         tensor = unpermute(tensor, heads)
     meta = hf_to_meta_name(name)
-    split = meta_shard_dim(meta)
-    if split is None or n_shards == 1:
-        return meta, [tensor] * n_shards
-    return meta, list(tensor.split(split_sizes(tensor.shape[split], n_shards), dim=split))
+    return meta, shard_pieces(meta, tensor, n_shards)
 
 
 def write_pth(out: Path, steps: list[Step], config: dict, progress: Callable) -> None:

@@ -18,7 +18,6 @@ import collections
 import json
 import math
 import pickle
-import resource
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from io_utils import UserError
+from io_utils import UserError, peak_rss_mb
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -461,11 +460,6 @@ def _pickle_bytes(obj) -> bytes:
     out = io.BytesIO()
     _StubPickler(out, protocol=2).dump(obj)
     return out.getvalue()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB, Linux ru_maxrss is in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def print_summary(what: str, written: list[Path], start: float) -> None:

@@ -5,7 +5,10 @@
     model = build_model(args, load_train_tokenizer(args), "fp32")
     loss = causal_lm_loss(model, TrainCollate(args, tokenizer).collate_fn(rows[:12]))
 
-Each trainer keeps its own loop; this module holds what both need once. Batches are
+Each trainer keeps its own loop; this module holds what both need once, including the resume
+contract: both save save_dir/adapter_model/ with the adapter, train_args.json and STATE_FILE
+(`resume_state`: step, total steps, process count, resolved config, optimizer checkpoint), both
+refuse a resume whose SAME_FOR_RESUME keys differ (`check_resume`), and both end with `run_summary`. Batches are
 padded to their own length and left-aligned, so every answer token sits in the last few
 positions and the LM head runs only there (`logits_to_keep`): on LLaMA's 49954-token
 vocabulary the head is most of a small model's compute and most of a big one's memory.
@@ -31,7 +34,10 @@ from model_utils import adapter_weights_file, check_adapter_fits, check_model_di
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
-STATE_FILE = "trainer_state.json"  # beside the adapter: where a resumed run starts
+STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
+# a resumed run must agree with the saved one on these (model, data, batch settings, process count)
+SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
+SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data_name": "msra",  # dataset name; test.py/predict.py read it from train_args.json
@@ -382,12 +388,44 @@ def save_adapter(model: torch.nn.Module, save_dir: str | Path, args: Config, sta
     return out
 
 
+def resume_state(args: Config, global_step: int, total_steps: int, checkpoint: str) -> dict[str, Any]:
+    """What both trainers save beside the adapter (STATE_FILE): the step reached, the run's length,
+    the process count, the resolved config, and the optimizer checkpoint (relative to save_dir)."""
+    return {
+        "global_step": global_step,
+        "total_steps": total_steps,
+        "world_size": world_size(),
+        "checkpoint": checkpoint,
+        "train_args": args.to_dict(),
+    }
+
+
 def load_state(save_dir: str | Path) -> dict[str, Any] | None:
     """The state saved beside the last adapter, or None when there is none."""
     path = Path(save_dir) / ADAPTER_DIR / STATE_FILE
     if not path.is_file():
         return None
-    return load_config(path)
+    return load_config(path, fix="start over with resume=false")
+
+
+def check_resume(state: dict[str, Any], args: Config) -> None:
+    """A resumed run must see the same model, data, batch settings and process count as the saved one."""
+    saved = {**state["train_args"], "world_size": state["world_size"]}
+    now = {**args.to_dict(), "world_size": world_size()}
+    for key in SAME_FOR_RESUME:
+        if saved.get(key) != now.get(key):
+            fix = f"start {saved[key]} processes" if key == "world_size" else f"pass {key}={saved.get(key)}"
+            raise ConfigError(
+                f"resume: {key} was {saved.get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"{fix} or start over with resume=false"
+            )
+
+
+def run_summary(steps: int, seconds: float, train_loss: float, dev_loss: float | None, save_dir: str | Path) -> str:
+    """The one line both trainers end with."""
+    dev = f", dev loss {dev_loss:.4f}" if dev_loss is not None else ""
+    adapter = Path(save_dir) / ADAPTER_DIR
+    return f"done: {steps} steps in {seconds:.0f}s, train loss {train_loss:.4f}{dev}; adapter in {adapter}"
 
 
 def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
@@ -398,31 +436,3 @@ def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
     for path in folder.iterdir():
         if path.is_dir() and path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- recipes
-
-
-HARD_TRAIN_OVERRIDES: dict[str, Any] = {
-    "lora_r": 32,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "learning_rate": 3e-3,
-    "warmup_ratio": 0.0,
-    "train_batch_size": 4,
-    "num_train_epochs": 70,
-    "save_steps": 100000,
-    "log_steps": 20,
-    "dev_path": "",
-}
-
-
-def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str | Path, **overrides: Any) -> list[str]:
-    """Overrides that make a LoRA memorize a handful of rows (tests, the demo).
-
-    On a 2-layer hidden-64 model with the 49954-token vocabulary, 12 MSRA rows are reproduced
-    exactly by greedy decoding after ~70 epochs (tests/test_train.py checks it).
-    """
-    values = {**HARD_TRAIN_OVERRIDES, **overrides}
-    values.update(model_dir=str(model_dir), train_path=str(train_path), save_dir=str(save_dir))
-    return [f"{key}={','.join(v) if isinstance(v, list) else v}" for key, v in values.items()]
