@@ -30,6 +30,7 @@ grammar cannot), and would add triton and tvm-ffi to the requirements.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,7 +71,8 @@ def load_entity_types(spec: str = "", train_path: str | Path | None = None, colu
         return ENTITY_TYPES
     found = [pair[1] for row in rows for line in str(row[column]).splitlines() if (pair := parse_line(line))]
     if not found:
-        print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} (no typed answer in {train_path or 'no train_path'})")
+        where = f"no typed answer in {train_path}" if train_path else "no training data given"
+        print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} ({where})")
         return ENTITY_TYPES
     types = check_types(found, f"{train_path}")
     print(f"entity types from {train_path}: {'/'.join(types)}")
@@ -413,7 +415,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", default="", help="write the grammar here (default: print it)")
     p.add_argument("--prompt_out", default="", help="also write the model prompt here (llama-cli -f)")
     args = p.parse_args(argv)
-    grammar = gbnf(args.text, load_entity_types(args.entity_types, args.train_path or None), args.max_lines)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout may be the grammar
+        types = load_entity_types(args.entity_types, args.train_path or None)
+    grammar = gbnf(args.text, types, args.max_lines)
     if args.prompt_out:
         row = ner_row(args.text)
         atomic_write_text(Path(args.prompt_out), build_prompt(row["instruct"], row["query"]))
