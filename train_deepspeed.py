@@ -126,7 +126,7 @@ def save(engine, args: Config, state: dict) -> None:
 def main() -> None:
     args = parse_train_args(DEFAULTS, __doc__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
-    init_distributed()
+    init_distributed(args.ddp_timeout)
     import deepspeed
 
     print_run_config(args)
