@@ -283,7 +283,7 @@ def init_distributed(timeout_s: float = TRAIN_DEFAULTS["ddp_timeout"]) -> None:
 def join_error(err: Exception, timeout_s: float) -> str:
     """One line: who failed to join whom, torch's reason, and what to check on a multi-machine run."""
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
     return (
         f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the other "
         f"processes at MASTER_ADDR:MASTER_PORT={where} within ddp_timeout={timeout_s:g}s ({reason}). Check that "
