@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -107,6 +108,8 @@ class TwoHosts:
 def hosts():
     if os.geteuid() != 0:
         pytest.skip("two-host tests need root (they create network namespaces)")
+    if shutil.which("ip") is None:
+        pytest.skip("two-host tests need `ip` (iproute2) for network namespaces")
     remove_stale_namespaces()
     pair = TwoHosts()
     pair.create()
