@@ -118,7 +118,7 @@ def save(engine, args: Config, global_step: int, total_steps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
-    init_distributed()
+    init_distributed(args.ddp_timeout)
     import deepspeed
 
     print_run_config(args)

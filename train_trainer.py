@@ -101,6 +101,7 @@ def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -
         label_names=["labels"],
         remove_unused_columns=False,  # rows are raw dicts; TrainCollate tokenizes them
         seed=args.seed,
+        ddp_timeout=args.ddp_timeout,
         report_to="none",
     )
 
@@ -130,7 +131,7 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
-    init_distributed()
+    init_distributed(args.ddp_timeout)
     print_run_config(args)
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     ds = deepspeed_config(args, precision)

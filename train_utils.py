@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, require, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
-from io_utils import atomic_dir, check_output_dir_path
+from io_utils import UserError, atomic_dir, check_output_dir_path
 from model_files import check_model_files
 from model_utils import adapter_weights_file, check_adapter_fits, check_model_dir, load_tokenizer, match_vocab
 
@@ -70,6 +71,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_steps": 50,  # dev loss every N optimizer steps (0: only at the end)
     "seed": 42,  # data order, LoRA init, dropout
     "resume": False,  # continue from save_dir's last save instead of starting over
+    "ddp_timeout": 300,  # seconds a process waits for the others (joining, then each exchange) before failing
     "local_rank": -1,  # set by the deepspeed launcher; leave it
 }
 
@@ -81,7 +83,7 @@ def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str]
     """Resolve the command line against `defaults`; values that cannot be right fail here."""
     args = ConfigParser(defaults, description).parse_main(argv)
     positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
-    positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps")
+    positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps", "ddp_timeout")
     require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
@@ -308,17 +310,39 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def init_distributed() -> None:
-    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one."""
+def init_distributed(timeout_s: float = TRAIN_DEFAULTS["ddp_timeout"]) -> None:
+    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one.
+
+    Joining waits at most `timeout_s` for the other processes (so does every later exchange):
+    a machine that cannot reach the master, or a wrong --node_rank, fails with what to check.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     launched = any(key in os.environ for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
     default_port = 29500 if launched else free_port()  # a lone `python x.py` must not collide with a running job
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(),
-        auto_mpi_discovery=True,
-        distributed_port=int(os.environ.get("MASTER_PORT", default_port)),  # mpirun -x MASTER_PORT=... picks another
+    try:
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            auto_mpi_discovery=True,
+            distributed_port=int(os.environ.get("MASTER_PORT", default_port)),  # mpirun -x MASTER_PORT=... picks one
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except RuntimeError as err:  # torch's store and gloo/NCCL connection errors and timeouts
+        raise UserError(join_error(err, timeout_s)) from None
+
+
+def join_error(err: Exception, timeout_s: float) -> str:
+    """One line: who failed to join whom, torch's reason, and what to check on a multi-machine run."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    return (
+        f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the other "
+        f"processes at MASTER_ADDR:MASTER_PORT={where} within ddp_timeout={timeout_s:g}s ({reason}). Check that "
+        "every machine can reach that address and port (firewall), that each machine was started with its own "
+        "--node_rank (0 on the master) and the same --master_addr, --master_port and hostfile, and that "
+        "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME name the interface of that network; raise ddp_timeout if a "
+        "machine starts much later than the others"
     )
 
 
