@@ -11,13 +11,16 @@ command line, e.g. --dev_path=...) plus the evaluation keys below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
 from dataset import build_prompt
-from model_utils import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+ROOT = Path(__file__).resolve().parent
+HELP_SOURCES = [ROOT / "train_utils.py", ROOT / "inference.py"]  # where the keys' meanings are written
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -41,18 +44,22 @@ def train_args_path_from_argv(argv: list[str]) -> str:
     return pairs.get("train_args_path") or default_train_args_path(pairs.get("data_name", "msra"))
 
 
-def resolve_config(argv: list[str], extra: dict[str, Any], description: str = "") -> Config:
-    """train_args.json + EVAL_DEFAULTS + `extra`, overridden by argv. Training values win over defaults."""
+def resolve_config(argv: list[str], extra: dict[str, Any], description: str = "", source: str = "") -> Config:
+    """train_args.json + EVAL_DEFAULTS + `extra`, overridden by argv. Training values win over defaults.
+
+    `source`: the calling script's file, whose defaults dict's comments --help shows too.
+    """
     path = train_args_path_from_argv(argv)
+    sources = [*HELP_SOURCES, source] if source else HELP_SOURCES
     if ("-h" in argv or "--help" in argv) and not Path(path).is_file():
-        ConfigParser({**EVAL_DEFAULTS, **extra}, description).parse(["--help"])  # prints, exits 0
+        ConfigParser({**EVAL_DEFAULTS, **extra}, description, sources).parse(["--help"])  # prints, exits 0
     trained = load_config(path)
     missing = [key for key in REQUIRED_KEYS if key not in trained]
     if missing:
         raise ConfigError(f"{path}: missing key {missing[0]!r}; this is not a train_args.json written by training")
     defaults = {**trained, **{k: v for k, v in {**EVAL_DEFAULTS, **extra}.items() if k not in trained}}
     defaults["train_args_path"] = path
-    return ConfigParser(defaults, description).parse(argv)
+    return ConfigParser(defaults, description, sources).parse(argv)
 
 
 def adapter_dir(config: Config) -> Path | None:
@@ -64,6 +71,8 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
+    from model_utils import load_model, load_tokenizer  # torch and transformers: after the command line is read
+
     tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     adapter = adapter_dir(config)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))

@@ -128,7 +128,7 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
 
 
 def main() -> None:
-    args = parse_train_args(DEFAULTS, __doc__)
+    args = parse_train_args(DEFAULTS, __doc__, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     init_distributed()
     print_run_config(args)
