@@ -354,6 +354,7 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     check_adapter(save_dir / "adapter_model", tiny_alpaca)
 
 
+@pytest.mark.slow  # starts each trainer (DeepSpeed's process group, its CPU ops)
 @pytest.mark.parametrize("script", ["train_deepspeed", "train_trainer"])
 def test_resume_with_other_settings_is_refused_with_one_message(ops_ready, tiny_alpaca, rows12, tmp_path, script):
     """Both trainers read the same resume_state.json and refuse a changed key before loading the model."""
