@@ -52,6 +52,7 @@ SCRIPTS = {
     "convert": "convert_llama_weights_to_hf",
     "merge": "merge_llama_with_chinese_lora",
     "export": "export_gguf",
+    "serve": "serve",
 }
 TRAIN = ["model_dir={tiny}", "train_path={dev}", "dev_path=", "deepspeed_json_path={ds}", "save_dir={out}/run"]
 TEST = ["--train_args_path={train_args}", "--output_dir={out}", "--max_new_tokens=4"]
@@ -60,6 +61,7 @@ CHAT = ["--base_model", "{tiny}", "--only_cpu", "--temperature", "0", "--max_new
 CHAT_OUT = [*CHAT, "--predictions_file", "{out}/p.json"]
 CONVERT = ["--input_dir", "{orig}", "--model_size", "7B", "--output_dir", "{out}/hf"]
 MERGE = ["--base_model", "{tiny}", "--lora_model", "{lora}", "--output_type", "huggingface", "--output_dir", "{out}/m"]
+SERVE = ["--base_model", "{tiny}", "--only_cpu", "--port", "0"]
 EXPORT = ["--model_dir", "{tiny}", "--output", "{out}/x.gguf"]
 
 CASES: dict[str, Case] = {
@@ -111,6 +113,11 @@ CASES: dict[str, Case] = {
     "chat/out-beside-model-config": Case("chat", [*CHAT, "--predictions_file", "{tiny}/p.json"], 2, "input"),
     "chat/batch-size-0": Case("chat", [*CHAT_OUT, "--batch_size", "0"], 2, "--batch_size 0"),
     "chat/long-input-is-cut": Case("chat", [*CHAT_OUT, "--data_file", "{long_text}"], 0, "cut to 508"),
+    # serve.py (fails before it listens)
+    "serve/batch-0": Case("serve", [*SERVE, "--max_batch_size", "0"], 2, "--max_batch_size 0"),
+    "serve/lora-empty": Case("serve", [*SERVE, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
+    "serve/lora-other-size": Case("serve", [*SERVE, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
+    "serve/model-damaged": Case("serve", [*SERVE, "--base_model", "{tiny_damaged}"], 2, "damaged"),
     # convert_llama_weights_to_hf.py
     "convert/damaged-pth": Case("convert", [*CONVERT, "--input_dir", "{orig_damaged}"], 2, "damaged"),
     "convert/shard-size": Case("convert", [*CONVERT, "--max_shard_size", "2XB"], 2, "2XB"),
