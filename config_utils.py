@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from io_utils import UserError, atomic_write_text
+from io_utils import UserError, atomic_write_text, read_json_object
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
@@ -170,13 +170,14 @@ def load_config(
     path: str | Path, fix: str = "train first, or pass --train_args_path=<dir>/train_args.json"
 ) -> dict[str, Any]:
     """A JSON object from `path` (train_args.json, deepspeed.json); `fix` says what to do when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: {fix}")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config keys")
-    return values
+    return read_json_object(path, fix, ConfigError)
+
+
+def require(config: Config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Numbers that cannot be right stop the run before any work: `positive` keys > 0, `non_negative` >= 0."""
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}={getattr(config, key)} must be > 0")
+    for key in non_negative:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}={getattr(config, key)} must be >= 0")

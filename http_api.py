@@ -65,6 +65,7 @@ class CompletionRequest(Sampling):
 class NerRequest(BaseModel):
     model: StrictStr | None = None
     texts: Annotated[list[StrictStr], Field(min_length=1)]
+    constrained: StrictBool = True  # answers only '没有' or distinct '实体_类型' lines grounded in the text
 
 
 class ApiError(Exception):
@@ -183,7 +184,10 @@ class Limits:
 
 
 def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """The ASGI app serving `model` (loaded once, used only by the batcher's worker thread)."""
+    """The ASGI app serving `model` (loaded once, used only by the batcher's worker thread).
+
+    `args.types` are the entity types of constrained /v1/ner answers (inference.adapter_entity_types).
+    """
     app = FastAPI(title="Chinese-Alpaca NER", docs_url=None, redoc_url=None, openapi_url=None)
     batcher = Batcher(model, tokenizer, args.max_batch_size)
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -253,7 +257,8 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             if not text.strip():
                 raise ApiError(400, f"texts[{i}]: empty text", f"texts[{i}]")
             check_length(ner_prompt(text), args.max_new_tokens, f"texts[{i}]")
-        answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens))
+        settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
+        answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
             {"text": t, "answer": a, "entities": entities(t, a)} for t, a in zip(request.texts, answers, strict=True)
         ]

@@ -3,7 +3,7 @@
     config = resolve_config(sys.argv[1:], {"predict_path": ""})
     model, tokenizer = load_trained(config)
     prompts = [row_prompt(row, config) for row in rows]
-    answers = ner_answers(model, tokenizer, ["北京是中国的首都。"], batch_size=16, max_new_tokens=256)
+    answers = ner_answers(model, tokenizer, ["北京是中国的首都。"], 16, 256, types=("人名", "地名", "机构名"))
 
 test.py and predict.py take the training run's train_args.json (every key can be overridden
 on the command line, e.g. --dev_path=...) plus the evaluation keys below; chat_ner.py and
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
+from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
 from dataset import build_prompt, ner_row
-from model_utils import generate_answers, load_model, load_tokenizer
+from model_files import check_model_files
+from model_utils import adapter_weights_file, generate_answers, load_model, load_tokenizer
+from ner_constraint import NerConstraint, load_entity_types, text_of_query
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -31,6 +34,8 @@ EVAL_DEFAULTS = {
     "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # '' = cuda when available, else cpu
+    "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
+    "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -56,7 +61,9 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
         raise ConfigError(f"{path}: missing key {missing[0]!r}; this is not a train_args.json written by training")
     defaults = {**trained, **{k: v for k, v in {**EVAL_DEFAULTS, **extra}.items() if k not in trained}}
     defaults["train_args_path"] = path
-    return ConfigParser(defaults, description).parse(argv)
+    config = ConfigParser(defaults, description).parse(argv)
+    require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    return config
 
 
 def adapter_dir(config: Config) -> Path | None:
@@ -68,8 +75,11 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     adapter = adapter_dir(config)
+    check_model_files(config.model_dir)
+    if adapter:
+        adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
+    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
     model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
     return model, tokenizer
@@ -93,11 +103,36 @@ def ner_answers(
     batch_size: int = EVAL_DEFAULTS["eval_batch_size"],
     max_new_tokens: int = EVAL_DEFAULTS["max_new_tokens"],
     progress: bool = False,
+    types: Sequence[str] | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
-    """The raw `实体_类型` answer for each plain sentence, generated as test.py generates (greedy)."""
+    """The `实体_类型` answer for each plain sentence, generated as test.py generates (greedy).
+
+    With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
+    entity is in the sentence and whose type is one of `types`; None: plain decoding.
+    """
     prompts = [ner_prompt(text) for text in texts]
-    return generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, **gen_kwargs)
+    constraint = NerConstraint(tokenizer, texts, types) if types else None
+    return generate_answers(
+        model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, constraint=constraint, **gen_kwargs
+    )
+
+
+def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
+    """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
+    if not config.constrained:
+        return None
+    types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column)
+    texts = [text_of_query(row.get(config.query_column) or "", row[config.instruct_column]) for row in rows]
+    return NerConstraint(tokenizer, texts, types)
+
+
+def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
+    """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
+    (its train_args.json's train_path), else MSRA's."""
+    trained = Path(args.lora_model or "") / "train_args.json"
+    config = load_config(trained) if args.lora_model and trained.is_file() else {}
+    return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +143,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
     parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
+                        "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
 
 
 def tokenizer_dir(args: argparse.Namespace) -> str:
@@ -122,6 +159,9 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
+    check_model_files(args.base_model)
+    if args.lora_model:
+        adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
     model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer)

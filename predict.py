@@ -18,8 +18,8 @@ from typing import Any
 
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
-from inference import load_trained, resolve_config, row_prompt
-from io_utils import run_cli
+from inference import answer_constraint, load_trained, resolve_config, row_prompt
+from io_utils import read_lines, run_cli
 from metrics import score
 from model_utils import generate_answers
 
@@ -43,16 +43,13 @@ EXAMPLES = [
 ]
 
 
-def is_json_lines(path: Path) -> bool:
+def is_json_lines(lines: list[str]) -> bool:
     """True when the first non-blank line is a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict)
-                except json.JSONDecodeError:
-                    return False
-    return False
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
@@ -63,14 +60,14 @@ def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: file not found; pass --predict_path=<JSON lines or one sentence per line>")
-    if is_json_lines(file):
+    lines = read_lines(file, DataError)
+    if is_json_lines(lines):
         return load_data(file, (config.instruct_column,))
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = ner_row(line.strip())
-                rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
+    for line in lines:
+        if line.strip():
+            row = ner_row(line.strip())
+            rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
     if not rows:
         raise DataError(f"{file}: no text; write one sentence per line")
     return rows
@@ -94,7 +91,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
     prompts = [row_prompt(r, config) for r in rows]
-    predictions = generate_answers(model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens)
+    constraint = answer_constraint(config, tokenizer, rows)
+    predictions = generate_answers(
+        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint
+    )
     show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]
     summary = f"{len(rows)} texts predicted"

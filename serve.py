@@ -9,7 +9,8 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/comp
 (OpenAI shapes, `stream: true` for server-sent events), POST /v1/ner {"texts": [...]} ->
 entities with character spans, GET / (a page; /?text=... runs at once). The model loads once
 as chat_ner.py loads it; NER answers are generated as test.py generates them (greedy, the
-training prompt); concurrent requests are batched (batching.py). The app is http_api.py.
+training prompt, constrained answers unless a request says "constrained": false); concurrent
+requests are batched (batching.py). The app is http_api.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-from inference import EVAL_DEFAULTS, add_model_args, load_from_args
+from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args
 from io_utils import UserError, run_cli
 
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from http_api import create_app
 
     args = parse_args(argv)
+    args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
     sock = bind(args.host, args.port)
     model, tokenizer = load_from_args(args)
     app = create_app(model, tokenizer, args)

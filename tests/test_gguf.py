@@ -222,3 +222,41 @@ def test_exported_file_quantizes_with_llama_cpp(alpaca, tmp_path):
     text = msra_rows(1)[0]["query"]
     ids = load_tokenizer(alpaca["huggingface"])(text)["input_ids"]
     assert llama_cpp_model(out).tokenize(text.encode("utf-8"), add_bos=True) == ids
+
+
+def llama_accepts_grammar(llm, grammar: str) -> bool:
+    """llama.cpp's own GBNF parser (the one LlamaGrammar hands the text to) takes the grammar."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode(), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+@pytest.mark.slow
+def test_gbnf_constrains_llama_cpp(alpaca):
+    """ner_constraint.gbnf: llama.cpp parses it, and the tiny random model's answers under it are valid
+    (GBNF cannot forbid a repeated line, so repeats are removed before the check)."""
+    from llama_cpp import LlamaGrammar
+
+    from dataset import build_prompt, ner_row
+    from metrics import ENTITY_TYPES
+    from ner_constraint import TextGrammar, gbnf, vocab_of
+
+    llm = llama_cpp_model(alpaca["gguf_file"])
+    vocab = vocab_of(load_tokenizer(alpaca["huggingface"]))
+    assert not llama_accepts_grammar(llm, 'root ::= "a" b')  # an undefined rule: the check can fail
+    texts = ["北京是中国的首都。", '记者张犇在New York 分社说："A_B"。'] + [r["query"][3:] for r in msra_rows(3)]
+    for text in texts:
+        grammar = gbnf(text, ENTITY_TYPES, max_lines=3)
+        assert llama_accepts_grammar(llm, grammar), grammar
+        row = ner_row(text)
+        prompt = build_prompt(row["instruct"], row["query"])
+        out = llm(prompt, grammar=LlamaGrammar.from_string(grammar), max_tokens=400, temperature=0.0)
+        answer = out["choices"][0]["text"].strip()
+        assert out["choices"][0]["finish_reason"] == "stop", answer
+        lines = answer.split("\n")
+        assert len(lines) <= 3
+        assert TextGrammar(text, ENTITY_TYPES, vocab).is_valid("\n".join(dict.fromkeys(lines))), answer

@@ -17,6 +17,7 @@ from conftest import ROOT, import_script
 from dataset import build_prompt
 from io_utils import UserError
 from model_utils import generate_answers, load_model, load_tokenizer
+from ner_constraint import NerConstraint, TextGrammar, text_of_query, vocab_of
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +86,77 @@ def test_batch_16_equals_batch_1(memorized, memorized_model):
     single = generate_answers(model, tokenizer, prompts, batch_size=1, max_new_tokens=64, progress=False)
     assert batched == single
     assert batched[:12] == [r["answer"] for r in memorized["seen_rows"]]
+
+
+# ---- constrained decoding (ner_constraint.py) ----------------------------------------------------
+
+
+def grounded(text: str, answer: str) -> bool:
+    """`没有`, or distinct `entity_type` lines with the entity in the text and an MSRA type (plain string checks)."""
+    lines = answer.split("\n")
+    if answer == "没有":
+        return True
+    pairs = [line.rpartition("_") for line in lines]
+    return len(set(lines)) == len(lines) and all(
+        sep and kind in ("人名", "地名", "机构名") and entity and entity == entity.strip() and entity in text
+        for entity, sep, kind in pairs
+    )
+
+
+def test_constrained_greedy_keeps_valid_answers(memorized, memorized_model):
+    """Where plain greedy decoding already gives a valid answer, the constrained answer is the same."""
+    model, tokenizer = memorized_model
+    rows = memorized["seen_rows"] + memorized["unseen_rows"][:4]
+    prompts = [build_prompt(r["instruct"], r["query"]) for r in rows]
+    texts = [text_of_query(r["query"]) for r in rows]
+    plain = generate_answers(model, tokenizer, prompts, batch_size=16, max_new_tokens=64, progress=False)
+    constraint = NerConstraint(tokenizer, texts, ("人名", "地名", "机构名"))
+    constrained = generate_answers(model, tokenizer, prompts, 16, 64, progress=False, constraint=constraint)
+    assert constrained[:12] == plain[:12] == [r["answer"] for r in memorized["seen_rows"]]
+    for text, got, free in zip(texts, constrained, plain, strict=True):
+        assert grounded(text, got), (text, got)
+        if TextGrammar(text, constraint.types, vocab_of(tokenizer)).is_valid(free):
+            assert got == free
+
+
+def test_test_py_constrained_untrained_model(memorized, tmp_path):
+    """On a random model every constrained answer is valid; unconstrained ones are not (the check can fail)."""
+    test_script = import_script("test")
+    args = [f"--train_args_path={memorized['train_args']}", "--adapter_path=none", "--max_new_tokens=24"]
+    args += [f"--dev_path={memorized['unseen']}", "--eval_batch_size=16"]
+    results = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        metrics = test_script.main([*args, f"--output_dir={out}", f"--constrained={flag}"])
+        saved = json.loads((out / "test_metrics.json").read_text(encoding="utf-8"))
+        records = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text("utf-8").splitlines()]
+        assert saved["constrained"] is (flag == "true") and saved["malformed"] == metrics["malformed"]
+        results[flag] = (metrics, records)
+    metrics, records = results["true"]
+    assert metrics["malformed"] == 0 and set(metrics["entity_types"]) == {"人名", "地名", "机构名"}  # from train_path
+    assert all(grounded(text_of_query(r["query"]), r["prediction"]) for r in records)
+    metrics, records = results["false"]
+    assert metrics["malformed"] > 0
+    assert not all(grounded(text_of_query(r["query"]), r["prediction"]) for r in records)
+
+
+def test_chat_ner_constrained(memorized, tmp_path, monkeypatch):
+    """chat_ner.py --ner on a random model, sampling: valid answers by default (sampled among the allowed
+    tokens), not with --constrained false."""
+    texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
+    data = tmp_path / "inputs.txt"
+    data.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    chat = import_script("chat_ner")
+    argv = ["--base_model", str(memorized["base"]), "--only_cpu", "--ner", "--data_file", str(data)]
+    argv += ["--max_new_tokens", "24", "--seed", "0", "--temperature", "0.8"]
+    outputs = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag / "predictions.json"
+        chat.main([*argv, "--predictions_file", str(out), "--constrained", flag])
+        outputs[flag] = [r["Output"] for r in json.loads(out.read_text(encoding="utf-8"))]
+    assert all(grounded(t, a) for t, a in zip(texts, outputs["true"], strict=True)), outputs["true"]
+    assert not all(grounded(t, a) for t, a in zip(texts, outputs["false"], strict=True))
 
 
 # ---- test.py --------------------------------------------------------------------------------

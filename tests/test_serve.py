@@ -96,6 +96,28 @@ def test_ner_answers_equal_test_py(client, ner_reference):
     assert results[0]["entities"] and all(e["spans"] for e in results[0]["entities"])  # a memorized row
 
 
+def test_ner_constrained_by_default(client, memorized):
+    """/v1/ner decodes under the NER constraint unless "constrained": false: the same answers as
+    inference.ner_answers with and without the training data's types, on unseen texts."""
+    from inference import ner_answers
+    from model_utils import load_model, load_tokenizer
+    from ner_constraint import load_entity_types
+
+    texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
+    constrained = [r["answer"] for r in ner(client, texts)]
+    response = client.post("/v1/ner", json={"texts": texts, "constrained": False})
+    plain = [r["answer"] for r in response.json()["results"]]
+    tokenizer = load_tokenizer(memorized["base"])
+    model = load_model(memorized["base"], memorized["save_dir"] / "adapter_model", "float32", "cpu", tokenizer)
+    assert plain == ner_answers(model, tokenizer, texts)
+    assert constrained == ner_answers(model, tokenizer, texts, types=load_entity_types("", memorized["seen"]))
+    for text, answer in zip(texts, constrained, strict=True):
+        lines = answer.split("\n")
+        assert answer == "没有" or len(set(lines)) == len(lines), answer
+        for entity, _, kind in (line.rpartition("_") for line in lines if answer != "没有"):
+            assert entity in text and kind in ("人名", "地名", "机构名"), answer
+
+
 def test_chat_and_completions_with_openai_client(openai_client, memorized):
     row = memorized["seen_rows"][0]
     chat = openai_client.chat.completions.create(
@@ -180,6 +202,7 @@ BAD_REQUESTS = {
     "temperature-negative": ("/v1/chat/completions", {"messages": MESSAGE, "temperature": -1}, 400, "temperature"),
     "prompt-missing": ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     "n-above-1": ("/v1/completions", {"prompt": "你好", "n": 2}, 400, "n"),
+    "constrained-not-a-bool": ("/v1/ner", {"texts": ["北京"], "constrained": "no"}, 400, "constrained"),
 }
 
 

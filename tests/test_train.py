@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
+from demo import hard_train_argv
 from model_utils import load_model, load_tokenizer
 from tiny_models import make_tiny_model
 from train_utils import (
@@ -29,9 +30,9 @@ from train_utils import (
     TRAIN_DEFAULTS,
     TrainCollate,
     causal_lm_loss,
+    check_resume,
     deepspeed_config,
     free_port,
-    hard_train_argv,
     parse_train_args,
     resolve_precision,
 )
@@ -275,8 +276,8 @@ def test_deepspeed_two_ranks_zero3_memorizes_12_rows(ops_ready, tiny128, rows12,
     adapter = save_dir / "adapter_model"
     check_adapter(adapter, tiny128)
     logits_change(tiny128, adapter)
-    state = json.loads((adapter / "trainer_state.json").read_text())
-    assert state["global_step"] == 150 and state["train_args"]["world_size"] == 2
+    state = json.loads((adapter / "resume_state.json").read_text())
+    assert state["global_step"] == state["total_steps"] == 150 and state["world_size"] == 2
     rows = load_data(rows12)
     assert greedy_answers(tiny128, adapter, rows) == [r["answer"] for r in rows]
 
@@ -312,8 +313,8 @@ def test_deepspeed_under_mpirun_zero2(ops_ready, tiny_alpaca, rows12, tmp_path):
     assert "step 3/3" in out and "dev loss" in out
     adapter = save_dir / "adapter_model"
     check_adapter(adapter, tiny_alpaca)
-    state = json.loads((adapter / "trainer_state.json").read_text())
-    assert state["train_args"]["world_size"] == 2
+    state = json.loads((adapter / "resume_state.json").read_text())
+    assert state["world_size"] == 2 and state["train_args"]["zero_stage"] == 2
 
 
 @pytest.mark.slow
@@ -326,7 +327,7 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state_file = save_dir / "adapter_model" / "trainer_state.json"
+    state_file = save_dir / "adapter_model" / "resume_state.json"
     deadline = time.time() + 300
     while not state_file.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -334,7 +335,9 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     proc.wait()
     log.close()
     saved = json.loads(state_file.read_text())
-    assert 4 <= saved["global_step"] < 24, saved
+    assert 4 <= saved["global_step"] < 24 and saved["total_steps"] == 24, saved
+    assert set(saved) == {"global_step", "total_steps", "world_size", "checkpoint", "train_args"}  # both trainers
+    assert (save_dir / saved["checkpoint"]).is_dir() and saved["train_args"]["save_dir"] == str(save_dir)
     out = run([*argv, "resume=true"])
     if script == "train_deepspeed":
         assert f"at step {saved['global_step']}/24" in out
@@ -345,6 +348,38 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     assert "done: 24 steps" in out
     assert json.loads(state_file.read_text())["global_step"] == 24
     check_adapter(save_dir / "adapter_model", tiny_alpaca)
+
+
+@pytest.mark.parametrize("script", ["train_deepspeed", "train_trainer"])
+def test_resume_with_other_settings_is_refused_with_one_message(ops_ready, tiny_alpaca, rows12, tmp_path, script):
+    """Both trainers read the same resume_state.json and refuse a changed key before loading the model."""
+    save_dir = tmp_path / "run"
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={save_dir}"]
+    argv += [f"deepspeed_json_path={DS_JSON}", "train_batch_size=2"]
+    saved = {**train_args(argv).to_dict(), "lora_r": 4}
+    state = {"global_step": 4, "total_steps": 24, "world_size": 1, "checkpoint": "checkpoint-4", "train_args": saved}
+    (save_dir / "checkpoint-4").mkdir(parents=True)
+    (save_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")  # the HF Trainer's own file
+    (save_dir / "adapter_model").mkdir()
+    (save_dir / "adapter_model" / "resume_state.json").write_text(json.dumps(state))
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    cmd = [PYTHON, f"{script}.py", *argv, "lora_r=8", "resume=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    fix = "pass lora_r=4 or start over with resume=false"
+    assert last == f"config error: resume: lora_r was 4 in the saved run, now 8; {fix}"
+    assert "trainable params" not in proc.stdout  # refused before the model was built
+
+
+def test_check_resume_names_the_process_count(monkeypatch):
+    args = train_args(["model_dir=m"])
+    state = {"world_size": 2, "train_args": args.to_dict()}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the process count, as a launcher sets it
+    check_resume(state, args)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="world_size was 2 in the saved run, now 1; start 2 processes"):
+        check_resume(state, args)
 
 
 def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,216 @@
+"""The NER answer constraint on the real 49954-token tokenizer: which answers and tokens it allows."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import ROOT
+from io_utils import UserError
+from metrics import parse_answer
+from model_utils import decode_new_tokens, load_tokenizer
+from ner_constraint import NerConstraint, State, TextGrammar, gbnf, load_entity_types, vocab_of
+
+MSRA_TYPES = ("人名", "地名", "机构名")
+TEXTS = [
+    "因有关日寇在京掠夺文物详情，藏界较为重视，也是我们收藏北京史料中的要件之一。",
+    "记者张犇在《纽约时报》New York 分社的用户A_B账号里写道：北京北京。",  # byte pieces, '_', spaces
+    "他没有去过上海，\n也没有去过　广州 。",  # a line break, an ideographic space, a trailing space
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(alpaca_tokenizer_dir):
+    return load_tokenizer(alpaca_tokenizer_dir)
+
+
+def grammar(tokenizer, text: str, types=MSRA_TYPES) -> TextGrammar:
+    return TextGrammar(text, types, vocab_of(tokenizer))
+
+
+def independent_ok(text: str, answer: str, types=MSRA_TYPES) -> bool:
+    """The rule of the issue, written with plain string operations."""
+    if answer == "没有":
+        return True
+    lines = answer.split("\n")
+    if len(set(lines)) != len(lines):
+        return False
+    for line in lines:
+        entity, sep, kind = line.rpartition("_")
+        if not (sep and kind in types and entity and entity == entity.strip() and entity in text):
+            return False
+        if len(entity.splitlines()) != 1:
+            return False
+    return True
+
+
+def walk(g: TextGrammar, ids: list[int]) -> State:
+    """Step through `ids`, asserting each one was allowed."""
+    st = State()
+    for token in ids:
+        assert token in set(g.allowed_ids(st).tolist()), (token, st.line)
+        st = g.step(st, token)
+    return st
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        (TEXTS[0], "日_地名\n京_地名\n北京_地名"),
+        (TEXTS[0], "没有"),
+        (TEXTS[1], "张犇_人名\n纽约时报_机构名"),
+        (TEXTS[1], "New York_地名"),
+        (TEXTS[1], "A_B_人名"),  # the type is after the last '_'; the entity keeps its own
+        (TEXTS[1], "北京北京_地名\n北京_地名"),
+        (TEXTS[2], "没有_机构名"),  # 没有 is in this text, so it can be an entity too
+        (TEXTS[2], "上海_地名\n广州_地名"),
+    ],
+)
+def test_training_answers_are_allowed_token_by_token(tokenizer, text, answer):
+    """Each answer, tokenized as training tokenizes it (leading '▁' included), passes every step."""
+    g = grammar(tokenizer, text)
+    assert independent_ok(text, answer) and g.is_valid(answer)
+    st = walk(g, tokenizer.encode(answer, add_special_tokens=False))
+    assert tokenizer.eos_token_id in g.allowed_ids(st).tolist()
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        (TEXTS[0], ""),
+        (TEXTS[0], "北京"),  # no type
+        (TEXTS[0], "北京_"),
+        (TEXTS[0], "_地名"),  # empty entity
+        (TEXTS[0], "天津_地名"),  # not in the text
+        (TEXTS[0], "北京_城市"),  # not a type
+        (TEXTS[0], "北京_地名\n北京_地名"),  # a line twice
+        (TEXTS[0], "北京_地名\n"),
+        (TEXTS[0], "没有\n北京_地名"),
+        (TEXTS[0], "北京_地名\n没有"),
+        (TEXTS[0], "北京_地名 "),
+        (TEXTS[1], "York _地名"),  # the entity ends with a space
+        (TEXTS[1], "北京_地名\n York_地名"),  # only the answer may start with a space
+        (TEXTS[2], "上海，也_地名"),  # across the text's line break
+        (TEXTS[2], "去过　_地名"),  # ends with an ideographic space
+    ],
+)
+def test_invalid_answers_are_rejected(tokenizer, text, answer):
+    assert not independent_ok(text, answer)
+    assert not grammar(tokenizer, text).is_valid(answer)
+
+
+def test_byte_fallback_pieces(tokenizer):
+    """犇 has no piece: it is spelled <0xE7><0x8A><0x87>; mid-character only the next byte fits."""
+    g = grammar(tokenizer, TEXTS[1])
+    byte = {b: tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0xE7, 0x8A, 0x87)}
+    ids = tokenizer.encode("张犇_人名", add_special_tokens=False)
+    assert [byte[0xE7], byte[0x8A], byte[0x87]] == [i for i in ids if i in byte.values()]
+    st = walk(g, ids[: ids.index(byte[0xE7]) + 1])
+    assert g.allowed_ids(st).tolist() == [byte[0x8A]]
+    start = set(g.allowed_ids(State()).tolist())
+    assert byte[0xE7] in start and byte[0x8A] not in start  # a continuation byte cannot start an entity
+
+
+def test_duplicates_and_no_dead_end(tokenizer):
+    """With one character and two types, after both lines only </s> is left."""
+    g = grammar(tokenizer, "京", ("人名", "地名"))
+    newline, eos = tokenizer.convert_tokens_to_ids("<0x0A>"), tokenizer.eos_token_id
+    st = walk(g, tokenizer.encode("京_人名", add_special_tokens=False))
+    assert {newline, eos} <= set(g.allowed_ids(st).tolist())
+    st = walk(g, tokenizer.encode("京_人名\n京_地名", add_special_tokens=False))
+    assert g.allowed_ids(st).tolist() == [eos]
+    st = walk(g, tokenizer.encode("京_人名\n京_", add_special_tokens=False))
+    allowed = {tokenizer.decode([i]) for i in g.allowed_ids(st).tolist()}
+    assert "地" in allowed and "人" not in allowed
+
+
+def brute_force(g: TextGrammar, st: State, candidates: list[int]) -> set[int]:
+    allowed = {i for i in candidates if g.advance(st, g.vocab.token_bytes[i]) is not None}
+    return allowed | ({g.vocab.eos_id} if g.can_end(st) else set())
+
+
+FIXED_PATHS = [
+    ("京京", "京_人名\n京_地名\n京_机构名\n京京_人名"),  # 京 used with every type: only 京京 may follow
+    ("甲乙", "甲_人名\n甲_地名\n甲_机构名\n甲乙_人名\n甲乙_地名\n甲乙_机构名\n乙_人名"),  # then 甲 is dead
+    (TEXTS[1], "A_B_人名\nA_地名\n用户A_B_机构名\n张犇_人名"),
+    (TEXTS[2], "没有_人名\n广州_地名"),
+]
+
+
+def test_allowed_ids_equal_brute_force(tokenizer):
+    """The fast per-step lists equal a check of every token that could spell part of an answer."""
+    vocab = vocab_of(tokenizer)
+    rng = random.Random(0)
+    paths = [(text, None) for text in TEXTS + ["京京", "甲乙"] for _ in range(3)] + FIXED_PATHS
+    for text, answer in paths:
+        g = grammar(tokenizer, text)
+        alphabet = set((text + "".join(MSRA_TYPES) + "没有_\n ").encode())
+        candidates = [i for i, b in enumerate(vocab.token_bytes) if b and set(b) <= alphabet]
+        fixed = tokenizer.encode(answer, add_special_tokens=False) + [vocab.eos_id] if answer else None
+        st, steps = State(), 0
+        while not st.finished and steps < 60:
+            allowed = set(g.allowed_ids(st).tolist())
+            assert allowed == brute_force(g, st, candidates), (text, st.line, st.done)
+            if fixed:
+                token = fixed[steps]
+                assert token in allowed
+            else:
+                bias = [i for i in allowed if i in (vocab.eos_id, 13) or b"_" in vocab.token_bytes[i]]
+                token = rng.choice(bias if bias and rng.random() < 0.3 else sorted(allowed))
+            st, steps = g.step(st, token), steps + 1
+        assert st.finished or not fixed
+
+
+def test_processor_on_random_logits_gives_valid_answers(tokenizer):
+    """A batch under random logits (an untrained model, in effect): every answer is valid."""
+    rows = [json.loads(line) for line in (ROOT / "tests/data/msra_dev_instruct.txt").open(encoding="utf-8")][:5]
+    texts = TEXTS + [r["query"].removeprefix("文本：") for r in rows]
+    constraint = NerConstraint(tokenizer, texts, MSRA_TYPES)
+    processor = constraint.processor(list(range(len(texts))), prompt_width=3)
+    ids = torch.zeros(len(texts), 3, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(48):
+        scores = torch.randn(len(texts), len(tokenizer), generator=generator)
+        scores[:, [tokenizer.eos_token_id, 13]] += 2.5  # end lines and answers now and then
+        ids = torch.cat([ids, processor(ids, scores).argmax(-1, keepdim=True)], dim=1)
+    finished = 0
+    for index, row in enumerate(ids[:, 3:].tolist()):
+        answer = decode_new_tokens(tokenizer, row)
+        if tokenizer.eos_token_id not in row:
+            answer = constraint.close(index, answer)
+        finished += tokenizer.eos_token_id in row
+        assert independent_ok(texts[index], answer), (texts[index], answer)
+        assert parse_answer(answer)[1] == 0
+    assert finished >= 2  # some ended with </s>, the others were closed
+
+
+def test_close_drops_the_unfinished_line(tokenizer):
+    constraint = NerConstraint(tokenizer, [TEXTS[0]], MSRA_TYPES)
+    assert constraint.close(0, "北京_地名\n京_地") == "北京_地名"
+    assert constraint.close(0, "北京_地") == "没有"
+    assert constraint.close(0, "北京_地名") == "北京_地名"
+
+
+def test_entity_types(tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    rows = [{"instruct": "x", "answer": "阿司匹林_药物\n头痛_症状"}, {"instruct": "y", "answer": "没有"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert load_entity_types("", data) == ("药物", "症状")
+    assert load_entity_types("人名, 地名", data) == ("人名", "地名")
+    assert load_entity_types("", tmp_path / "missing.txt") == MSRA_TYPES
+    assert "MSRA" in capsys.readouterr().out
+    with pytest.raises(UserError, match="entity_types"):
+        load_entity_types("人_名")
+
+
+def test_gbnf_shape():
+    grammar_text = gbnf('他说"北 京"', ("人名", "地名"), max_lines=3)
+    lines = grammar_text.splitlines()
+    assert lines[0] == 'root ::= " "? ("没有" | line ("\\n" line){0,2})'
+    assert 'type ::= "人名" | "地名"' in lines
+    assert 'e2 ::= "\\x22" e3?' in lines and 'e4 ::= "\\x20" e5' in lines  # quote escaped; a space cannot end
+    assert "entity ::= e0 | e1 | e2 | e3 | e5 | e6" in lines
+    assert gbnf("  ").splitlines() == ['root ::= " "? ("没有")']
