@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from io_utils import UserError, read_lines
+
+if TYPE_CHECKING:
+    import torch
 
 NER_INSTRUCTION = (
     "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，"
@@ -140,6 +141,8 @@ class NerCollate:
         return encode_example(self.tokenizer, prompt, row[self.response_column], self.max_seq_length)
 
     def collate_fn(self, batch: list[dict[str, Any] | str]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: process.py and --help need only the data format
+
         rows = [json.loads(r) if isinstance(r, str) else r for r in batch]
         encoded = [self.encode(row) for row in rows]
         longest = max(len(ids) for ids, _ in encoded)

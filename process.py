@@ -141,7 +141,7 @@ def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = ConfigParser(config, __doc__).parse_main(argv)
+    args = ConfigParser(config, __doc__, [__file__]).parse_main(argv)
     if bool(args.in_file) != bool(args.out_file):
         raise DataError("pass both --in_file and --out_file, or neither to process the repo's defaults")
     jobs = [(args.in_file, args.out_file, args.mode)] if args.in_file else DEFAULT_JOBS

@@ -21,7 +21,6 @@ from dataset import load_data
 from inference import adapter_dir, answer_constraint, load_trained, resolve_config, row_prompt
 from io_utils import atomic_write_text, check_output_file, run_cli
 from metrics import format_table, score
-from model_utils import generate_answers
 
 OUTPUT_FILES = ("test_predictions.jsonl", "test_metrics.json")
 TEST_DEFAULTS = {
@@ -45,8 +44,10 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__)
+    config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
+    from model_utils import generate_answers  # torch and transformers: after the command line is read
+
     if not config.dev_path:
         raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
     out_dir = Path(config.output_dir or config.save_dir)

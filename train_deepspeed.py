@@ -116,7 +116,7 @@ def save(engine, args: Config, global_step: int, total_steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_train_args(DEFAULTS, __doc__, argv)
+    args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     init_distributed(args.ddp_timeout)
     import deepspeed

@@ -129,7 +129,7 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_train_args(DEFAULTS, __doc__, argv)
+    args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     init_distributed(args.ddp_timeout)
     print_run_config(args)

@@ -79,9 +79,14 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------- config and checks
 
 
-def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str] | None = None) -> Config:
-    """Resolve the command line against `defaults`; values that cannot be right fail here."""
-    args = ConfigParser(defaults, description).parse_main(argv)
+def parse_train_args(
+    defaults: dict[str, Any], description: str, argv: list[str] | None = None, source: str = ""
+) -> Config:
+    """Resolve the command line against `defaults`; values that cannot be right fail here.
+
+    `source`: the calling script's file; --help shows the comments of its defaults and of TRAIN_DEFAULTS.
+    """
+    args = ConfigParser(defaults, description, [__file__, source] if source else [__file__]).parse_main(argv)
     positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
     positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps", "ddp_timeout")
     require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
