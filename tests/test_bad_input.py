@@ -102,10 +102,7 @@ CASES: dict[str, Case] = {
     "predict/gbk": Case("predict", [*PREDICT, "--predict_path={text_gbk}"], 2, "GB18030"),
     "predict/eval-batch-0": Case("predict", [*PREDICT, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
     "predict/adapter-other-size": Case("predict", [*PREDICT, "--adapter_path={adapter_wide}"], 2, "(8, 128)"),
-    # (unconstrained: the NER constraint builds its grammar over the whole uncut text, slowly; a known gap)
-    "predict/long-input-is-cut": Case(
-        "predict", [*PREDICT, "--predict_path={long_text}", "--constrained=false"], 0, "cut to 508 tokens"
-    ),
+    "predict/long-input-is-cut": Case("predict", [*PREDICT, "--predict_path={long_text}"], 0, "cut to 508 tokens"),
     # chat_ner.py
     "chat/lora-empty": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "chat/lora-other-size": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
