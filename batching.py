@@ -137,13 +137,12 @@ class Batcher:
             settings["streamer"] = DeltaStreamer(self.tokenizer, first.on_delta)
         start = time.perf_counter()
         generate = ner_answers if first.kind == "ner" else generate_answers
-        answers = generate(self.model, self.tokenizer, inputs, self.max_batch_size, first.max_new_tokens,
-                           progress=False, **settings)  # fmt: skip
+        size, tokens = self.max_batch_size, first.max_new_tokens
+        answers = generate(self.model, self.tokenizer, inputs, size, tokens, progress=False, **settings)
         seconds = time.perf_counter() - start
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)
-        if len(inputs) > self.stats["largest_batch"]:
-            self.stats["largest_batch"] = len(inputs)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(inputs))
         self.stats["largest_batch_requests"] = max(self.stats["largest_batch_requests"], len(jobs))
         print(f"batch: {len(jobs)} requests, {len(inputs)} {first.kind} inputs, {seconds:.2f}s", flush=True)
         return answers

@@ -25,7 +25,8 @@ import torch
 from config_utils import convert_value
 from dataset import DataError, build_prompt
 from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args, ner_answers, ner_prompt
-from io_utils import atomic_write_text, run_cli
+from io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
+from model_files import input_files
 from model_utils import generate_answers
 
 CHAT_DECODING = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.3, "max_new_tokens": 400}
@@ -71,6 +72,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_bool(text: str) -> bool:
     return convert_value("--constrained", text, True)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers that cannot be right, and output paths that cannot be written, stop the run before loading."""
+    for name, ok, rule in (
+        ("batch_size", args.batch_size > 0, "> 0"),
+        ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
+        ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("repetition_penalty", args.repetition_penalty > 0, "> 0 (1 = none)"),
+    ):
+        if not ok:
+            raise UserError(f"--{name} {getattr(args, name)} must be {rule}")
+    if args.interactive:
+        return  # the REPL writes no file
+    inputs = [args.data_file] if args.data_file else []
+    for folder in (args.base_model, args.lora_model, args.tokenizer_path):
+        inputs += input_files(folder) if folder else []
+    out = check_output_file(args.predictions_file, "--predictions_file", inputs)
+    check_output_file(out.parent / "generation_config.json", "--predictions_file's folder", inputs)
 
 
 def generation_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,11 +147,7 @@ def read_inputs(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: --data_file not found; pass a text file with one input per line")
-    try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{file}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    inputs = [line for line in lines if line]
+    inputs = [line.strip() for line in read_lines(file, DataError) if line.strip()]
     if not inputs:
         raise DataError(f"{file}: no inputs; write one per line")
     return inputs
@@ -174,6 +192,7 @@ def run_file(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Names
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_args(args)
     inputs = read_inputs(args.data_file) if args.data_file else SAMPLE_DATA
     settings = generation_config(args)
     print(describe_decoding(settings, args.ner))

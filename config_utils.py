@@ -10,13 +10,16 @@ are joined by `_`. A value takes the type of its default; unknown keys are rejec
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import json
 import sys
+import tokenize
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from io_utils import UserError, atomic_write_text
+from io_utils import UserError, atomic_write_text, read_json_object
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}
@@ -120,19 +123,45 @@ class Config:
         return f"Config({self.__dict__!r})"
 
 
-class ConfigParser:
-    """Resolve a defaults dict against command-line overrides."""
+def key_comments(*sources: str | Path) -> dict[str, str]:
+    """{key: meaning} from the trailing comment beside each `"key": default,  # meaning` in source files.
 
-    def __init__(self, config_dict: dict, description: str = "") -> None:
+    The defaults dict is the documentation; --help reads it from there. A later file wins.
+    """
+    comments: dict[str, str] = {}
+    for source in sources:
+        with open(source, encoding="utf-8") as f:
+            tokens = [t for t in tokenize.generate_tokens(f.readline) if t.type not in (tokenize.NL, tokenize.NEWLINE)]
+        key_of_line: dict[int, str] = {}
+        for token, after in zip(tokens, tokens[1:], strict=False):
+            if token.type == tokenize.STRING and after.string == ":" and token.start[0] not in key_of_line:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    key_of_line[token.start[0]] = ast.literal_eval(token.string)
+            if token.type == tokenize.COMMENT and token.start[0] in key_of_line:
+                comments[str(key_of_line[token.start[0]])] = token.string.lstrip("#").strip()
+    return comments
+
+
+class ConfigParser:
+    """Resolve a defaults dict against command-line overrides.
+
+    `sources`: the files whose dict literals define the defaults; --help shows each key's comment.
+    """
+
+    def __init__(self, config_dict: dict, description: str = "", sources: Iterable[str | Path] = ()) -> None:
         self.defaults = flatten(config_dict)
         self.description = description
+        self.sources = list(sources)
 
     def help_text(self) -> str:
-        lines = [self.description.strip(), "", "options (key=value, --key=value or --key value):"]
+        meanings = key_comments(*self.sources)
+        lines = [self.description.strip(), "", "options (key=value, --key=value or --key value), default (type):"]
         width = max(len(k) for k in self.defaults)
         for key, value in self.defaults.items():
             kind = type(value).__name__ if value is not None else "any"
             lines.append(f"  {key:<{width}}  {value!r} ({kind})")
+            if key in meanings:
+                lines.append(f"  {'':<{width}}    {meanings[key]}")
         return "\n".join(lines).lstrip()
 
     def parse(self, argv: list[str]) -> Config:
@@ -170,13 +199,14 @@ def load_config(
     path: str | Path, fix: str = "train first, or pass --train_args_path=<dir>/train_args.json"
 ) -> dict[str, Any]:
     """A JSON object from `path` (train_args.json, deepspeed.json); `fix` says what to do when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: {fix}")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config keys")
-    return values
+    return read_json_object(path, fix, ConfigError)
+
+
+def require(config: Config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Numbers that cannot be right stop the run before any work: `positive` keys > 0, `non_negative` >= 0."""
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}={getattr(config, key)} must be > 0")
+    for key in non_negative:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}={getattr(config, key)} must be >= 0")

@@ -12,14 +12,13 @@ layer; memory stays near one (full) tensor. Output appears only once complete.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from io_utils import atomic_dir, run_cli
+from io_utils import atomic_dir, read_json_object, run_cli
 from llama_layout import (
     expected_shapes,
     hf_sort_key,
@@ -33,7 +32,6 @@ from model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, t
 from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
 from tensor_io import (
     SafetensorsShards,
-    TensorFileError,
     TensorInfo,
     TorchZipFile,
     parse_size,
@@ -65,12 +63,8 @@ def find_tokenizer(input_dir: Path, weights_dir: Path) -> Path:
 
 def read_params(weights_dir: Path) -> dict:
     path = weights_dir / "params.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{path} not found: --input_dir/--model_size must point at Meta's checkpoint folder")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    fix = "--input_dir/--model_size must point at Meta's checkpoint folder"
+    params = read_json_object(path, fix, ModelLoadError)
     missing = [k for k in ("dim", "n_heads", "n_layers", "norm_eps", "multiple_of") if k not in params]
     if missing:
         raise ModelLoadError(f"{path}: missing {', '.join(missing)}; use the params.json that came with the weights")
@@ -81,10 +75,7 @@ def open_shards(weights_dir: Path) -> list[TorchZipFile]:
     files = sorted(weights_dir.glob("consolidated.*.pth"))
     if not files:
         raise ModelLoadError(f"{weights_dir}: no consolidated.*.pth; download Meta's weights into this folder")
-    try:
-        return [TorchZipFile(f) for f in files]
-    except TensorFileError as err:
-        raise ModelLoadError(str(err)) from None
+    return [TorchZipFile(f) for f in files]  # each header read, sizes checked: a cut download stops here
 
 
 def check_geometry(shards: list[TorchZipFile], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -168,10 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     weights_dir = input_dir / args.model_size
     if not input_dir.is_dir():
         raise ModelLoadError(f"--input_dir {input_dir} is not a directory")
+    if args.max_position_embeddings <= 0:
+        raise ModelLoadError(f"--max_position_embeddings {args.max_position_embeddings} must be > 0")
+    parse_size(args.max_shard_size)
     check_output_dir(output_dir, [weights_dir, input_dir / "tokenizer.model"], args.overwrite)
     tokenizer_file = find_tokenizer(input_dir, weights_dir)
     files = [(tokenizer_file, tokenizer_claim(len(load_tokenizer(tokenizer_file))))]
     if args.model_size != "tokenizer_only":
+        open_shards(weights_dir)  # damaged files fail here, before minutes of hashing
         size = MODEL_SIZE_BY_DIM.get(read_params(weights_dir).get("dim"))
         size = size if size in ("7B", "13B") else None  # the sizes with published checksums
         files += [(p, f"LLaMA-{size} {p.name}" if size else None) for p in sorted(weights_dir.glob("consolidated.*"))]

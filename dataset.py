@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from io_utils import UserError, read_lines
 
-from io_utils import UserError
+if TYPE_CHECKING:
+    import torch
 
 NER_INSTRUCTION = (
     "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，"
@@ -60,23 +61,22 @@ def load_data(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict[str,
     if not path.is_file():
         raise DataError(f"{path}: file not found; run `python process.py` or pass the right *_path")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete the line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-            missing = [c for c in columns if c not in row]
-            if missing:
-                raise DataError(
-                    f"{path}:{lineno}: missing column {missing[0]!r} (has {sorted(row)}); "
-                    f"fix the data or set {missing[0]!r}'s *_column option"
-                )
-            rows.append(row)
+    for lineno, line in enumerate(read_lines(path, DataError), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or delete the line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise DataError(
+                f"{path}:{lineno}: missing column {missing[0]!r} (has {sorted(row)}); "
+                f"fix the data or set {missing[0]!r}'s *_column option"
+            )
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")
     return rows
@@ -91,19 +91,27 @@ def encode_example(tokenizer, prompt: str, answer: str, max_seq_length: int) -> 
     """
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     answer_ids = answer_ids[: max_seq_length - 1]  # only an absurdly long answer loses its end
-    budget = max_seq_length - len(answer_ids)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
-    if len(prompt_ids) > budget:
-        prompt_ids = truncate_prompt(tokenizer, prompt, budget)
+    prompt_ids, _ = fit_prompt(tokenizer, prompt, max_seq_length - len(answer_ids))
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     return input_ids, labels
 
 
+def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
+    """(ids, cut): the prompt's token ids (BOS first), its query's end cut when it is longer than `budget`.
+
+    Training and every inference entry point (test, predict, chat, the server) cut the same way.
+    """
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if len(ids) <= budget:
+        return ids, False
+    return truncate_prompt(tokenizer, prompt, budget), True
+
+
 def truncate_prompt(tokenizer, prompt: str, budget: int) -> list[int]:
     """Longest prompt whose query part fits `budget` tokens (binary search on characters)."""
     head, sep, tail = prompt.rpartition("\n\n### Response: ")
-    lo, hi = 0, len(head)
+    lo, hi = 0, min(len(head), 32 * budget)  # a token spans at most 16 characters: longer cannot fit
     while lo < hi:  # largest cut of `head` that fits
         mid = (lo + hi + 1) // 2
         if len(tokenizer.encode(head[:mid] + sep + tail, add_special_tokens=True)) <= budget:
@@ -133,6 +141,8 @@ class NerCollate:
         return encode_example(self.tokenizer, prompt, row[self.response_column], self.max_seq_length)
 
     def collate_fn(self, batch: list[dict[str, Any] | str]) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: process.py and --help need only the data format
+
         rows = [json.loads(r) if isinstance(r, str) else r for r in batch]
         encoded = [self.encode(row) for row in rows]
         longest = max(len(ids) for ids, _ in encoded)

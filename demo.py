@@ -19,9 +19,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from io_utils import run_measured
-from train_utils import hard_train_argv
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -40,9 +40,32 @@ SCALES = {
 }
 
 
+# Overrides that make a LoRA memorize a handful of rows: on a 2-layer model with the 49954-token
+# vocabulary, 12 MSRA rows come back exactly under greedy decoding after ~70 epochs.
+MEMORIZE_OVERRIDES: dict[str, Any] = {
+    "lora_r": 32,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "learning_rate": 3e-3,
+    "warmup_ratio": 0.0,
+    "train_batch_size": 4,
+    "num_train_epochs": 70,
+    "save_steps": 100000,
+    "log_steps": 20,
+    "dev_path": "",
+}
+
+
+def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str | Path, **overrides: Any) -> list[str]:
+    """Training-script arguments (MEMORIZE_OVERRIDES + overrides) that make a LoRA memorize train_path."""
+    values = {**MEMORIZE_OVERRIDES, **overrides}
+    values.update(model_dir=str(model_dir), train_path=str(train_path), save_dir=str(save_dir))
+    return [f"{key}={','.join(v) if isinstance(v, list) else v}" for key, v in values.items()]
+
+
 def build_inputs() -> None:
     """The files a user downloads, in their real layout, at tiny scale (random weights)."""
-    from tiny_models import make_tiny_chinese_loras, make_tiny_original
+    from tiny_models import make_tiny_chinese_loras, make_tiny_original  # in a child: this process stays small
 
     make_tiny_original(TINY, dim=128)  # hidden 128: room enough to memorize 16 answers quickly
     make_tiny_chinese_loras(TINY, TINY)

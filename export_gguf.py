@@ -12,18 +12,17 @@ To merge LoRAs and export in one go: merge_llama_with_chinese_lora.py --output_t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from io_utils import run_cli
+from io_utils import check_output_file, read_json_object, run_cli
 from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
 from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from model_files import hf_weight_files
+from model_files import hf_weight_files, input_files
 from model_utils import ModelLoadError, load_tokenizer
-from tensor_io import TensorFileError, TensorSource, print_summary
+from tensor_io import TensorSource, print_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,18 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json_object(model_dir / "config.json", "pass a Hugging Face model directory", ModelLoadError)
+    files = hf_weight_files(model_dir)
+    inputs = [*input_files(model_dir), *input_files(tokenizer_dir), *files]
+    check_output_file(output, "--output", inputs)  # --overwrite or not, never over a file this run reads
     if output.exists() and not overwrite:
         raise ModelLoadError(f"{output} exists: choose another --output or pass --overwrite")
-    files = hf_weight_files(model_dir)
-    if output.resolve() in {f.resolve() for f in files}:
-        raise ModelLoadError(f"--output {output} is one of the model's weight files; choose another name")
-    try:
-        source = TensorSource(files, IGNORED_HF_SUFFIXES)
-    except TensorFileError as err:
-        raise ModelLoadError(str(err)) from None
+    source = TensorSource(files, IGNORED_HF_SUFFIXES)  # each header read, sizes checked before any output
     names = sorted(source.keys(), key=hf_sort_key)
     for name in names:
         try:

@@ -16,14 +16,18 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from config_utils import Config, ConfigError, ConfigParser, load_config, split_argv
+from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
 from dataset import build_prompt, ner_row
-from model_utils import generate_answers, load_model, load_tokenizer
-from ner_constraint import NerConstraint, load_entity_types, text_of_query
+
+if TYPE_CHECKING:
+    import torch
+
+    from ner_constraint import NerConstraint
+
+ROOT = Path(__file__).resolve().parent
+HELP_SOURCES = [ROOT / "train_utils.py", ROOT / "inference.py"]  # where the keys' meanings are written
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -49,18 +53,24 @@ def train_args_path_from_argv(argv: list[str]) -> str:
     return pairs.get("train_args_path") or default_train_args_path(pairs.get("data_name", "msra"))
 
 
-def resolve_config(argv: list[str], extra: dict[str, Any], description: str = "") -> Config:
-    """train_args.json + EVAL_DEFAULTS + `extra`, overridden by argv. Training values win over defaults."""
+def resolve_config(argv: list[str], extra: dict[str, Any], description: str = "", source: str = "") -> Config:
+    """train_args.json + EVAL_DEFAULTS + `extra`, overridden by argv. Training values win over defaults.
+
+    `source`: the calling script's file, whose defaults dict's comments --help shows too.
+    """
     path = train_args_path_from_argv(argv)
+    sources = [*HELP_SOURCES, source] if source else HELP_SOURCES
     if ("-h" in argv or "--help" in argv) and not Path(path).is_file():
-        ConfigParser({**EVAL_DEFAULTS, **extra}, description).parse(["--help"])  # prints, exits 0
+        ConfigParser({**EVAL_DEFAULTS, **extra}, description, sources).parse(["--help"])  # prints, exits 0
     trained = load_config(path)
     missing = [key for key in REQUIRED_KEYS if key not in trained]
     if missing:
         raise ConfigError(f"{path}: missing key {missing[0]!r}; this is not a train_args.json written by training")
     defaults = {**trained, **{k: v for k, v in {**EVAL_DEFAULTS, **extra}.items() if k not in trained}}
     defaults["train_args_path"] = path
-    return ConfigParser(defaults, description).parse(argv)
+    config = ConfigParser(defaults, description, sources).parse(argv)
+    require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    return config
 
 
 def adapter_dir(config: Config) -> Path | None:
@@ -72,8 +82,14 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
+    from model_files import check_model_files  # torch and transformers: after the command line is read
+    from model_utils import adapter_weights_file, load_model, load_tokenizer
+
     adapter = adapter_dir(config)
+    check_model_files(config.model_dir)
+    if adapter:
+        adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
+    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
     model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
     return model, tokenizer
@@ -105,6 +121,9 @@ def ner_answers(
     With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
     entity is in the sentence and whose type is one of `types`; None: plain decoding.
     """
+    from model_utils import generate_answers
+    from ner_constraint import NerConstraint
+
     prompts = [ner_prompt(text) for text in texts]
     constraint = NerConstraint(tokenizer, texts, types) if types else None
     return generate_answers(
@@ -114,6 +133,8 @@ def ner_answers(
 
 def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
     """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
+    from ner_constraint import NerConstraint, load_entity_types, text_of_query
+
     if not config.constrained:
         return None
     types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column)
@@ -124,6 +145,8 @@ def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]
 def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
     """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
     (its train_args.json's train_path), else MSRA's."""
+    from ner_constraint import load_entity_types
+
     trained = Path(args.lora_model or "") / "train_args.json"
     config = load_config(trained) if args.lora_model and trained.is_file() else {}
     return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
@@ -152,7 +175,13 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 
 def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
+    from model_files import check_model_files
+    from model_utils import adapter_weights_file, load_model, load_tokenizer
+
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
+    check_model_files(args.base_model)
+    if args.lora_model:
+        adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
     model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer)

@@ -1,19 +1,31 @@
-"""Small file helpers shared by the scripts: atomic writes and checksums.
+"""What every script shares, with no heavy imports: one-line user errors, reading text and
+JSON, checking output paths, atomic writes, checksums, and measuring a command's time and
+peak memory.
+
+    run_cli(main)                                  # a UserError prints one line, exit code 2
+    with atomic_dir("out/model") as tmp: ...       # out/model appears only once complete
+    code, seconds, peak_bytes = run_measured([sys.executable, "merge_llama_with_chinese_lora.py", ...])
 
 Every output is written under a temporary name beside its destination and renamed into
-place once complete, so an interrupted run never leaves a file that looks finished.
+place once complete, so an interrupted run never leaves a file that looks finished; a
+temporary name left by a killed run is reported (with its size) by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
+import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class UserError(SystemExit):
@@ -42,6 +54,125 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(2)
 
 
+def read_text(path: str | Path, error: type[UserError] = UserError) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); any other encoding is a one-line `error`.
+
+    GBK/GB18030 is common for Chinese data: the message says so when the bytes read as it.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        try:
+            data.decode("gb18030")
+            guess = "; it reads as GBK/GB18030"
+        except UnicodeDecodeError:
+            guess = ""
+        raise error(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}){guess}: save it as UTF-8, "
+            f"e.g. iconv -f GB18030 -t UTF-8 {path} > {path.with_suffix('.utf8' + path.suffix)}"
+        ) from None
+
+
+def read_lines(path: str | Path, error: type[UserError] = UserError) -> list[str]:
+    """The lines of a UTF-8 text file, without their line ends (`\\n` or `\\r\\n`); line i is lines[i - 1]."""
+    return read_text(path, error).replace("\r\n", "\n").split("\n")
+
+
+def read_json(path: str | Path, fix: str = "", error: type[UserError] = UserError) -> Any:
+    """The JSON value in `path`; a missing file, bad bytes or bad JSON is a one-line `error` naming the file.
+
+    `fix` says what to do when the file is missing (e.g. "train first").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} not found" + (f": {fix}" if fix else ""))
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix the file or replace it") from None
+
+
+def read_json_object(path: str | Path, fix: str = "", error: type[UserError] = UserError) -> dict[str, Any]:
+    """`read_json` for files that must hold one JSON object (configs)."""
+    value = read_json(path, fix, error)
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found a {type(value).__name__}; fix the file or replace it")
+    return value
+
+
+def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = ()) -> Path:
+    """Refuse, before any work, an output file path that is a directory, lies under a file, or is an input.
+
+    `inputs` are the files the run reads (--overwrite or not, an output never replaces one).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; pass a file path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    out = path.resolve()
+    for item in inputs:
+        if Path(item).resolve() == out:
+            raise UserError(f"{flag} {path} is the input {item}: choose another path (outputs never replace inputs)")
+    return path
+
+
+def check_output_dir_path(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output directory path that is a file or lies under a file."""
+    path = Path(path)
+    for item in (path, *path.parents):
+        if item.exists() and not item.is_dir():
+            where = "is a file" if item == path else f"lies under {item}, which is a file"
+            raise UserError(f"{flag} {path} {where}; pass a directory")
+    return path
+
+
+def report_stale_temporaries(path: Path) -> list[Path]:
+    """Warn about `.NAME.tmp-PID` / `.NAME.old-PID` beside `path` whose process is gone (a killed run's).
+
+    They are not removed: the message gives their size and the command that deletes them.
+    """
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*-*") if _dead_run_leftover(p, path.name)]
+    for item in stale:
+        size = _size(item)
+        print(
+            f"warning: {item} was left by an interrupted run (process {item.name.rsplit('-', 1)[1]} is gone) "
+            f"and holds {human_size(size)}; delete it: rm -r '{item}'",
+            file=sys.stderr,
+        )
+    return stale
+
+
+def _dead_run_leftover(item: Path, name: str) -> bool:
+    kind, _, pid = item.name[len(name) + 2 :].partition("-")
+    if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def human_size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _size(item: Path) -> int:
+    if item.is_file():
+        return item.stat().st_size
+    return sum(p.stat().st_size for p in item.rglob("*") if p.is_file())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -57,6 +188,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path; on success rename it to `path`, on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    report_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -71,6 +203,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path` (whose old content goes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    report_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -93,25 +226,34 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, int]:
-    """Run a command; return (exit code, seconds, peak RSS in bytes of its whole process tree).
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory so far, in MB (Linux ru_maxrss is in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    The tree is sampled every 50 ms, so launchers that fork workers (deepspeed, mpirun) are
-    counted as the sum of their processes.
+
+def run_measured(cmd: list[str], **popen_kwargs: Any) -> tuple[int, float, int]:
+    """Run a command; return (exit code, wall seconds, peak resident memory in bytes).
+
+    The one memory measure of the demo and the benchmarks. Peak is the larger of the child's own
+    peak (its rusage, exact) and the sum over its whole process tree, sampled every 50 ms, so
+    launchers that fork workers (deepspeed, mpirun) count all their processes. The caller should
+    not have imported torch: Linux carries a parent's resident size into a forked child's peak.
     """
-    import time
-
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, **popen_kwargs)
     root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
+    tree_peak = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
         time.sleep(0.05)
-    return proc.returncode, time.perf_counter() - start, peak
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - start, max(tree_peak, usage.ru_maxrss * 1024)

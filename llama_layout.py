@@ -98,6 +98,15 @@ def split_sizes(total: int, n_shards: int) -> list[int]:
     return sizes
 
 
+def shard_pieces(meta_name: str, tensor: torch.Tensor, n_shards: int) -> list[torch.Tensor]:
+    """A full Meta tensor as its n_shards model-parallel pieces (split_sizes along meta_shard_dim; a
+    replicated tensor is repeated)."""
+    split = meta_shard_dim(meta_name)
+    if split is None or n_shards == 1:
+        return [tensor] * n_shards
+    return list(tensor.split(split_sizes(tensor.shape[split], n_shards), dim=split))
+
+
 def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta wq/wk (interleaved rotary pairs) -> Hugging Face layout (rotate_half halves)."""
     rows, cols = w.shape

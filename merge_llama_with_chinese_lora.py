@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from io_utils import atomic_dir, atomic_write_text, run_cli
+from io_utils import atomic_dir, atomic_write_text, read_json_object, run_cli
 from llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_layout import (
     IGNORED_HF_SUFFIXES,
@@ -36,17 +36,15 @@ from llama_layout import (
     hf_sort_key,
     hf_to_meta_name,
     merge_lora_weight,
-    meta_shard_dim,
     parse_adapter_key,
     rotary_heads,
-    split_sizes,
+    shard_pieces,
     unpermute,
 )
 from model_files import MODEL_SIZE_BY_DIM, check_output_dir, hf_weight_files, report_checksums, tokenizer_claim
 from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, save_tokenizer
 from tensor_io import (
     SafetensorsShards,
-    TensorFileError,
     TensorInfo,
     TensorSource,
     TorchZipWriter,
@@ -71,22 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
     return parser.parse_args(argv)
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ModelLoadError(f"{path} not found: {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-
-
-def open_source(files: list[Path]) -> TensorSource:
-    try:
-        return TensorSource(files, IGNORED_HF_SUFFIXES)
-    except TensorFileError as err:
-        raise ModelLoadError(str(err)) from None
 
 
 @dataclass
@@ -128,7 +110,9 @@ def load_lora(path: Path) -> Lora:
     if not path.is_dir():
         raise ModelLoadError(f"--lora_model {path} is not a directory; pass the LoRA folder(s), comma-separated")
     config_file = path / "adapter_config.json"
-    scale, fan_in_fan_out = lora_scale(read_json(config_file, "the LoRA folder needs it"), config_file)
+    scale, fan_in_fan_out = lora_scale(
+        read_json_object(config_file, "the LoRA folder needs it", ModelLoadError), config_file
+    )
     adapter = next((path / n for n in ADAPTER_FILES if (path / n).is_file()), None)
     if adapter is None:
         raise ModelLoadError(f"{path}: no adapter_model.bin or adapter_model.safetensors; finish the download")
@@ -137,7 +121,7 @@ def load_lora(path: Path) -> Lora:
             f"{path / 'tokenizer.model'} not found: each LoRA folder needs the tokenizer it was trained with "
             "(copy the base model's if the LoRA kept its vocabulary)"
         )
-    lora = Lora(path, adapter, load_tokenizer(path), scale, fan_in_fan_out, open_source([adapter]))
+    lora = Lora(path, adapter, load_tokenizer(path), scale, fan_in_fan_out, TensorSource([adapter]))
     pending: dict[str, dict[str, str]] = {}
     saved: set[str] = set()  # trained copies (modules_to_save) win over plain ones
     for key in lora.source.keys():
@@ -275,10 +259,7 @@ def meta_pieces(name: str, tensor: torch.Tensor, config: dict, n_shards: int) ->
     if heads is not None:
         tensor = unpermute(tensor, heads)
     meta = hf_to_meta_name(name)
-    split = meta_shard_dim(meta)
-    if split is None or n_shards == 1:
-        return meta, [tensor] * n_shards
-    return meta, list(tensor.split(split_sizes(tensor.shape[split], n_shards), dim=split))
+    return meta, shard_pieces(meta, tensor, n_shards)
 
 
 def write_pth(out: Path, steps: list[Step], config: dict, progress: Callable) -> None:
@@ -323,10 +304,12 @@ def merge(args: argparse.Namespace) -> list[Path]:
     lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]
     if not lora_dirs:
         raise ModelLoadError("--lora_model is empty: pass one LoRA folder or two, comma-separated")
+    parse_size(args.max_shard_size)
     check_output_dir(output_dir, [base_dir, *lora_dirs], args.overwrite)
-    base_config = read_json(base_dir / "config.json", "--base_model must be a Hugging Face model directory")
+    fix = "--base_model must be a Hugging Face model directory"
+    base_config = read_json_object(base_dir / "config.json", fix, ModelLoadError)
     base_files = hf_weight_files(base_dir)
-    base = open_source(base_files)
+    base = TensorSource(base_files, IGNORED_HF_SUFFIXES)  # each header read, sizes checked before any output
     loras = [load_lora(p) for p in lora_dirs]
     report_checksums(checksum_files(base_files, loras, base_config["hidden_size"]), args.strict)
     if EMBED not in base or LM_HEAD not in base:

@@ -1,6 +1,7 @@
-"""Checks on the files a converter reads and writes: published checksums, output directory, weight files.
+"""Checks on the model files a script reads and writes: published checksums, output directory, weight files
+(found, complete).
 
-Shared by convert_llama_weights_to_hf.py, merge_llama_with_chinese_lora.py and export_gguf.py.
+Shared by the converters (convert, merge, export_gguf) and, for weight files, by training and evaluation.
 
     report_checksums([(Path("model_hub/tokenizer.model"), tokenizer_claim(32000))])
     check_output_dir(Path("model_hub/7B-hf"), [Path("model_hub/7B")], overwrite=False)
@@ -8,11 +9,10 @@ Shared by convert_llama_weights_to_hf.py, merge_llama_with_chinese_lora.py and e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from io_utils import sha256_file
-from model_utils import ModelLoadError
+from io_utils import check_output_dir_path, read_json_object, sha256_file
+from model_utils import ModelLoadError, check_model_dir, check_weight_files
 
 # Published sha256 of the real files (Chinese-LLaMA-Alpaca's SHA256.md).
 PUBLISHED_SHA256 = {
@@ -69,7 +69,8 @@ def tokenizer_claim(pieces: int) -> str | None:
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output that is, contains or lies inside an input, or that would replace other files."""
+    """Refuse an output that is a file, is, contains or lies inside an input, or would replace other files."""
+    check_output_dir_path(output_dir, "--output_dir")
     out = output_dir.resolve()
     for path in inputs:
         src = path.resolve()
@@ -89,7 +90,10 @@ def hf_weight_files(model_dir: Path) -> list[Path]:
     ):
         index = model_dir / index_name
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index, error=ModelLoadError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelLoadError(f"{index}: no weight_map; damaged or incomplete, download it again")
+            names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (model_dir / n).is_file()]
             if missing:
                 raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
@@ -98,3 +102,35 @@ def hf_weight_files(model_dir: Path) -> list[Path]:
         if files:
             return files
     raise ModelLoadError(f"{model_dir}: no model*.safetensors or pytorch_model*.bin; pass a Hugging Face model dir")
+
+
+def check_model_files(model_dir: str | Path) -> list[Path]:
+    """A Hugging Face model directory that can load: config.json is JSON, and every weight file is there and
+    as long as its header says (a cut download is one line naming the file). Returns the weight files."""
+    files = hf_weight_files(check_model_dir(model_dir))
+    check_weight_files(files)
+    return files
+
+
+def input_files(folder: str | Path) -> list[Path]:
+    """The files of a model, tokenizer or adapter folder that loading reads (no output may replace one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [folder]
+    patterns = ("*.json", "*.model", "*.safetensors", "*.bin", "*.pth")
+    files = {p for pattern in patterns for p in folder.glob(pattern)}
+    return sorted(p for p in files if p.name in READ_FILES or p.suffix != ".json")
+
+
+READ_FILES = {
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "adapter_config.json",
+    "params.json",
+    "train_args.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+}

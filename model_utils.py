@@ -12,6 +12,7 @@ parity on MSRA.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from io_utils import UserError, atomic_write_bytes, atomic_write_text
+from dataset import fit_prompt
+from io_utils import UserError, atomic_write_bytes, atomic_write_text, read_json_object
+from llama_layout import parse_adapter_key
+from tensor_io import open_tensor_file
 
 PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
 
@@ -74,12 +78,7 @@ def _special(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict:
     """A small json file of the tokenizer's; {} when absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); fix or delete it") from None
+    return read_json_object(path, error=ModelLoadError) if path.is_file() else {}
 
 
 def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
@@ -95,7 +94,11 @@ def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
         raise ModelLoadError(f"{model_file} not found: the tokenizer directory needs the sentencepiece tokenizer.model")
     special_map = _read_json(folder / "special_tokens_map.json")
     added = _read_json(folder / "added_tokens.json")
-    tokenizer = LlamaSentencePieceTokenizer(str(model_file))
+    try:
+        tokenizer = LlamaSentencePieceTokenizer(str(model_file))
+    except RuntimeError as err:  # sentencepiece: "could not parse ModelProto"
+        reason = "sentencepiece cannot parse it" if "parse" in str(err) else str(err)
+        raise ModelLoadError(f"{model_file}: damaged or incomplete ({reason}); download it again") from None
     for token, token_id in sorted(added.items(), key=lambda item: item[1]):
         existing = tokenizer.sp_model.piece_to_id(token)
         if tokenizer.sp_model.id_to_piece(existing) == token:
@@ -162,13 +165,86 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def check_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory whose config.json is readable JSON."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{path}: no config.json; expected a Hugging Face model directory "
             "(convert with convert_llama_weights_to_hf.py, then merge_llama_with_chinese_lora.py)"
         )
+    read_json_object(path / "config.json", error=ModelLoadError)
     return path
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Read each weight file's header and compare the sizes it gives with the file's: a cut or damaged
+    download is one line naming the file, before anything loads or is written."""
+    for file in files:
+        open_tensor_file(file)
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_weights_file(adapter_dir: str | Path) -> Path:
+    """adapter_model.safetensors (or .bin) of a LoRA folder whose adapter_config.json is readable."""
+    adapter_dir = Path(adapter_dir)
+    fix = "pass the folder holding adapter_config.json and adapter_model.safetensors (e.g. save_dir/adapter_model)"
+    read_json_object(adapter_dir / "adapter_config.json", fix, ModelLoadError)
+    found = next((adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file()), None)
+    if found is None:
+        raise ModelLoadError(
+            f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin: the LoRA folder has no weights; "
+            "copy them from where the adapter was trained or downloaded"
+        )
+    check_weight_files([found])
+    return found
+
+
+def expected_weight_shape(model: torch.nn.Module, name: str) -> tuple[int, ...] | None:
+    """Shape of the base weight `name` from its module (Linear, Embedding; also 4-bit Linear); None if absent."""
+    try:
+        module = model.get_submodule(name.removesuffix(".weight"))
+    except AttributeError:
+        return None
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return (module.out_features, module.in_features)
+    if isinstance(module, torch.nn.Embedding):
+        return (module.num_embeddings, module.embedding_dim)
+    weight = getattr(module, "weight", None)
+    return tuple(weight.shape) if weight is not None else None
+
+
+def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path, model_dir: str | Path) -> None:
+    """Every tensor of the LoRA fits the base model (hidden size, vocabulary), checked from the file's header.
+
+    Without this, peft reports a size mismatch as a long traceback after loading everything.
+    """
+    file = adapter_weights_file(adapter_dir)
+    reader = open_tensor_file(file)
+    for key in reader.keys():
+        try:
+            name, kind = parse_adapter_key(key)
+        except ValueError:
+            continue  # a LoRA variant the merge does not implement; peft checks it
+        if kind == "ignore":
+            continue
+        want = expected_weight_shape(model, name)
+        got = reader.info(key).shape
+        if want is None:
+            raise ModelLoadError(f"{file}: {key} is for {name}, which {model_dir} lacks: an adapter for another model")
+        fits = {"lora_A": got[-1:] == want[-1:], "lora_B": got[:1] == want[:1]}.get(kind, tuple(got) == want)
+        if fits:
+            continue
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")) and got[1:] == want[1:]:
+            raise ModelLoadError(
+                f"{file}: the adapter's {name} has {got[0]} rows (vocabulary) but {model_dir} with this tokenizer has "
+                f"{want[0]}: pass the tokenizer and base model the adapter was trained with"
+            )
+        raise ModelLoadError(
+            f"{file}: {key} has shape {tuple(got)}, which does not fit {name} {want} of {model_dir}: "
+            "the adapter was trained on a model of another size; pass its own base model (train_args.json's model_dir)"
+        )
 
 
 def match_vocab(model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer) -> None:
@@ -201,8 +277,7 @@ def load_model(
     if adapter_path:
         from peft import PeftModel
 
-        if not (Path(adapter_path) / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{adapter_path}: no adapter_config.json; pass the adapter_model directory")
+        check_adapter_fits(model, adapter_path, path)
         with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias; not the user's concern
             warnings.filterwarnings(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
@@ -234,7 +309,7 @@ def generate_answers(
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
@@ -265,6 +340,42 @@ def generate_answers(
             if constraint is not None and tokenizer.eos_token_id not in ids:
                 answers[i] = constraint.close(i, answers[i])
     return answers
+
+
+def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may have: the model's positions minus max_new_tokens (None: the model sets no limit)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if max_new_tokens >= positions:
+        raise UserError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the input: the model takes {positions} positions "
+            "in all; lower max_new_tokens"
+        )
+    return positions - max_new_tokens
+
+
+def encode_prompts(
+    model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer, prompts: list[str], max_new_tokens: int
+) -> list[list[int]]:
+    """Token ids of each prompt, cut (the query's end, as training cuts) to fit the model with max_new_tokens.
+
+    Prints one warning naming the inputs that were cut. Every entry point that generates calls this.
+    """
+    budget = prompt_budget(model, max_new_tokens)
+    if budget is None:
+        return [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    fitted = [fit_prompt(tokenizer, p, budget) for p in prompts]
+    cut = [i + 1 for i, (_, was_cut) in enumerate(fitted) if was_cut]
+    if cut:
+        shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(
+            f"warning: {len(cut)} input(s) longer than the model takes were cut to {budget} tokens (the end of the "
+            f"query dropped, as in training): the model has {budget + max_new_tokens} positions, max_new_tokens="
+            f"{max_new_tokens}; input(s) {shown}",
+            file=sys.stderr,
+        )
+    return [ids for ids, _ in fitted]
 
 
 def decode_new_tokens(tokenizer: LlamaSentencePieceTokenizer, ids: list[int]) -> str:

@@ -106,6 +106,7 @@ class Vocab:
             if data:
                 self.by_bytes.setdefault(data, []).append(i)
                 self.prefixes.update(data[:k] for k in range(1, len(data) + 1))
+        self.longest = max(len(b.decode(errors="replace")) for b in self.token_bytes if b)  # chars of one token
         self.with_underscore = [i for i, b in enumerate(self.token_bytes) if b and b"_" in b]
         self.with_newline = [i for i, b in enumerate(self.token_bytes) if b and b"\n" in b]
         self.nothing = self.ids_inside(b" " + NOTHING)
@@ -354,7 +355,15 @@ class NerConstraint:
         return TextGrammar(self.texts[index], self.types, self.vocab)
 
     def processor(self, indices: Sequence[int], prompt_width: int) -> NerLogitsProcessor:
-        """The logits processor for one batch: row r generates the answer for prompt indices[r]."""
+        """The logits processor for one batch: row r generates the answer for prompt indices[r].
+
+        A prompt of prompt_width tokens shows the model at most prompt_width * vocab.longest
+        characters of its text: a longer text (cut to fit the model) is cut there too, so its
+        grammar is built over what the model can have seen, not over the whole input.
+        """
+        seen = prompt_width * self.vocab.longest
+        for i in indices:
+            self.texts[i] = self.texts[i][:seen]
         return NerLogitsProcessor([self.grammar(i) for i in indices], prompt_width)
 
     def close(self, index: int, answer: str) -> str:

@@ -19,9 +19,8 @@ from typing import Any
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
 from inference import answer_constraint, load_trained, resolve_config, row_prompt
-from io_utils import run_cli
+from io_utils import read_lines, run_cli
 from metrics import score
-from model_utils import generate_answers
 
 PREDICT_DEFAULTS = {
     "predict_path": "",  # '' = the built-in examples; else instruction JSON lines or plain text lines
@@ -43,16 +42,13 @@ EXAMPLES = [
 ]
 
 
-def is_json_lines(path: Path) -> bool:
+def is_json_lines(lines: list[str]) -> bool:
     """True when the first non-blank line is a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict)
-                except json.JSONDecodeError:
-                    return False
-    return False
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
@@ -63,14 +59,14 @@ def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: file not found; pass --predict_path=<JSON lines or one sentence per line>")
-    if is_json_lines(file):
+    lines = read_lines(file, DataError)
+    if is_json_lines(lines):
         return load_data(file, (config.instruct_column,))
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = ner_row(line.strip())
-                rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
+    for line in lines:
+        if line.strip():
+            row = ner_row(line.strip())
+            rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
     if not rows:
         raise DataError(f"{file}: no text; write one sentence per line")
     return rows
@@ -87,8 +83,10 @@ def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> Non
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__)
+    config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__, __file__)
     print_config(config)
+    from model_utils import generate_answers  # torch and transformers: after the command line is read
+
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config_utils import ConfigParser
 from dataset import NO_ENTITY, DataError, ner_row
-from io_utils import atomic_path, run_cli
+from io_utils import atomic_path, check_output_file, read_lines, run_cli
 
 TYPE_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名", "NR": "人名", "NS": "地名", "NT": "机构名"}
 
@@ -43,32 +43,29 @@ def type_name(tag: str, where: str) -> str:
     return TYPE_NAMES[tag]
 
 
-def read_json_lines(path: Path) -> Iterator[Sentence]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-                text, entity_list = row["text"], row["entity_list"]
-                spans = sorted((e["entity_index"]["begin"], e["entity_index"]["end"], e) for e in entity_list)
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(
-                    f"{where}: expected {{'text': ..., 'entity_list': [{{'entity_index': {{'begin', 'end'}}, "
-                    f"'entity_type', 'entity'}}]}} ({type(err).__name__}: {err})"
-                ) from None
-            entities = []
-            for begin, end, entity in spans:
-                if text[begin:end] != entity["entity"]:
-                    raise DataError(
-                        f"{where}: entity {entity['entity']!r} is not text[{begin}:{end}] = {text[begin:end]!r}"
-                    )
-                entities.append((entity["entity"], type_name(entity["entity_type"], where)))
-            yield text, entities
+def read_json_lines(path: Path, lines: list[str]) -> Iterator[Sentence]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+            text, entity_list = row["text"], row["entity_list"]
+            spans = sorted((e["entity_index"]["begin"], e["entity_index"]["end"], e) for e in entity_list)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(
+                f"{where}: expected {{'text': ..., 'entity_list': [{{'entity_index': {{'begin', 'end'}}, "
+                f"'entity_type', 'entity'}}]}} ({type(err).__name__}: {err})"
+            ) from None
+        entities = []
+        for begin, end, entity in spans:
+            if text[begin:end] != entity["entity"]:
+                raise DataError(f"{where}: entity {entity['entity']!r} is not text[{begin}:{end}] {text[begin:end]!r}")
+            entities.append((entity["entity"], type_name(entity["entity_type"], where)))
+        yield text, entities
 
 
-def read_bio(path: Path) -> Iterator[Sentence]:
+def read_bio(path: Path, lines: list[str]) -> Iterator[Sentence]:
     chars: list[str] = []
     entities: list[tuple[str, str]] = []
     current: list[str] = []  # [entity text, type] being extended
@@ -78,30 +75,29 @@ def read_bio(path: Path) -> Iterator[Sentence]:
             entities.append((current[0], current[1]))
             current.clear()
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                close()
-                if chars:
-                    yield "".join(chars), entities
-                chars, entities = [], []
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or len(parts[0]) != 1:
-                raise DataError(f"{path}:{lineno}: expected 'char<TAB>TAG', got {line!r}")
-            char, tag = parts
-            where = f"{path}:{lineno}"
-            if tag == "O":
-                close()
-            elif tag[:2] == "B-" or (tag[:2] == "I-" and (not current or current[1] != type_name(tag[2:], where))):
-                close()  # an I- that does not continue its entity starts a new one
-                current.extend([char, type_name(tag[2:], where)])
-            elif tag[:2] == "I-":
-                current[0] += char
-            else:
-                raise DataError(f"{where}: unknown tag {tag!r}; expected O, B-TYPE or I-TYPE")
-            chars.append(char)
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            close()
+            if chars:
+                yield "".join(chars), entities
+            chars, entities = [], []
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or len(parts[0]) != 1:
+            raise DataError(f"{path}:{lineno}: expected 'char<TAB>TAG', got {line!r}")
+        char, tag = parts
+        where = f"{path}:{lineno}"
+        if tag == "O":
+            close()
+        elif tag[:2] == "B-" or (tag[:2] == "I-" and (not current or current[1] != type_name(tag[2:], where))):
+            close()  # an I- that does not continue its entity starts a new one
+            current.extend([char, type_name(tag[2:], where)])
+        elif tag[:2] == "I-":
+            current[0] += char
+        else:
+            raise DataError(f"{where}: unknown tag {tag!r}; expected O, B-TYPE or I-TYPE")
+        chars.append(char)
     close()
     if chars:
         yield "".join(chars), entities
@@ -112,11 +108,11 @@ def read_sentences(path: str | Path) -> Iterator[Sentence]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; pass --in_file=<MSRA file>")
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    lines = read_lines(path, DataError)
+    first = next((line for line in lines if line.strip()), "")
     if not first:
         raise DataError(f"{path}: file is empty")
-    return read_json_lines(path) if first.lstrip().startswith("{") else read_bio(path)
+    return read_json_lines(path, lines) if first.lstrip().startswith("{") else read_bio(path, lines)
 
 
 def make_answer(entities: list[tuple[str, str]]) -> str:
@@ -128,11 +124,11 @@ def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
     """Write the instruction rows; returns counts (rows, entity mentions per type)."""
     if mode not in ("train", "dev"):
         raise DataError(f"mode={mode!r}: use mode=train or mode=dev")
-    if Path(in_file).resolve() == Path(out_file).resolve():
-        raise DataError(f"out_file {out_file} is the input file; choose another out_file")
+    check_output_file(out_file, "out_file", [in_file])
+    sentences = list(read_sentences(in_file))  # every line checked before anything is written
     counts: Counter = Counter()
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for text, entities in read_sentences(in_file):
+        for text, entities in sentences:
             counts["sentences"] += 1
             if mode == "dev" and not entities:
                 continue
@@ -144,11 +140,13 @@ def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
     return counts
 
 
-def main() -> None:
-    args = ConfigParser(config, __doc__).parse_main()
+def main(argv: list[str] | None = None) -> None:
+    args = ConfigParser(config, __doc__, [__file__]).parse_main(argv)
     if bool(args.in_file) != bool(args.out_file):
         raise DataError("pass both --in_file and --out_file, or neither to process the repo's defaults")
     jobs = [(args.in_file, args.out_file, args.mode)] if args.in_file else DEFAULT_JOBS
+    for _, out_file, _ in jobs:  # every output path checked before the first job runs
+        check_output_file(out_file, "out_file", [job[0] for job in jobs])
     for in_file, out_file, mode in jobs:
         counts = convert(in_file, out_file, mode)
         per_type = ", ".join(f"{name} {counts[name]}" for name in ("人名", "地名", "机构名"))

@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=19327, help="0 = any free port (printed at start)")
     p.add_argument("--api_key", default=None, help="when set, /v1/* requests need 'Authorization: Bearer KEY'")
     p.add_argument("--max_batch_size", type=int, default=16, help="inputs generated together")
-    p.add_argument("--max_new_tokens", type=int, default=EVAL_DEFAULTS["max_new_tokens"],
-                   help="default and upper bound of a request's max_tokens")  # fmt: skip
+    tokens = EVAL_DEFAULTS["max_new_tokens"]
+    p.add_argument("--max_new_tokens", type=int, default=tokens, help="default and upper bound of max_tokens")
     p.add_argument("--max_texts", type=int, default=64, help="most texts in one /v1/ner request")
     p.add_argument("--model_name", default="chinese-alpaca-ner", help="the model id /v1/models reports")
     args = p.parse_args(argv)

@@ -18,13 +18,14 @@ import collections
 import json
 import math
 import pickle
-import resource
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from io_utils import UserError, peak_rss_mb
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -55,8 +56,13 @@ STORAGE_DTYPES = {
 STORAGE_CLASSES = {dtype: getattr(torch, name) for name, dtype in STORAGE_DTYPES.items() if name != "UntypedStorage"}
 
 
-class TensorFileError(ValueError):
-    """A checkpoint file this module cannot read."""
+class TensorFileError(UserError):
+    """A checkpoint file this module cannot read: the one-line error the user sees (exit code 2)."""
+
+
+def damaged(path: Path, detail: str) -> TensorFileError:
+    """The error for a cut or corrupted weight file: almost always an incomplete download."""
+    return TensorFileError(f"{path}: damaged or incomplete ({detail}); download it again")
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def _read_exact(path: Path, offset: int, nbytes: int) -> torch.Tensor:
     with open(path, "rb") as f:
         f.seek(offset)
         if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
-            raise TensorFileError(f"{path}: truncated (wanted {nbytes} bytes at offset {offset})")
+            raise damaged(path, f"ends before the {nbytes} bytes at offset {offset}")
     return buf
 
 
@@ -92,15 +98,18 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        file_size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise TensorFileError(f"{self.path}: not a safetensors file (too short)")
+                raise damaged(self.path, f"{file_size} bytes, shorter than a safetensors header")
             (size,) = struct.unpack("<Q", head)
+            if 8 + size > file_size:
+                raise damaged(self.path, f"{file_size} bytes, but its header alone claims {8 + size}")
             try:
                 header = json.loads(f.read(size))
-            except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
-                raise TensorFileError(f"{self.path}: not a safetensors file (bad header)") from None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise damaged(self.path, "its header is not valid JSON") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self._start = 8 + size
         self._entries = {}
@@ -108,6 +117,9 @@ class SafetensorsFile:
             if entry["dtype"] not in SAFETENSORS_DTYPES:
                 raise TensorFileError(f"{self.path}: {name} has unsupported dtype {entry['dtype']}")
             self._entries[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"])
+        expected = self._start + max((end for *_, (_, end) in self._entries.values()), default=0)
+        if expected != file_size:
+            raise damaged(self.path, f"{file_size} bytes, but its header describes {expected}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -175,11 +187,23 @@ class TorchZipFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        try:
+            self._open()
+        except (zipfile.BadZipFile, EOFError, KeyError, struct.error) as err:
+            raise damaged(self.path, f"{type(err).__name__}: {err}") from None
+
+    def _open(self) -> None:
         if not zipfile.is_zipfile(self.path):
-            raise TensorFileError(
-                f"{self.path}: not a torch zip checkpoint (saved by torch < 1.6?); "
-                "re-save it with torch.save(torch.load(f), f) on a recent torch"
-            )
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+            if magic[:2] == b"\x80\x02":  # torch < 1.6 wrote a bare pickle stream
+                raise TensorFileError(
+                    f"{self.path}: saved by torch < 1.6, which this reader does not stream; "
+                    "re-save it with torch.save(torch.load(f), f) on a recent torch"
+                )
+            detail = "a zip file cut short" if magic == b"PK\x03\x04" else f"starts with {magic!r}, not a torch zip"
+            raise damaged(self.path, detail)
+        file_size = self.path.stat().st_size
         with zipfile.ZipFile(self.path) as zf:
             pickles = [n for n in zf.namelist() if n.endswith("data.pkl")]
             if len(pickles) != 1:
@@ -204,7 +228,10 @@ class TorchZipFile:
                     raw.seek(info.header_offset)
                     local = raw.read(30)
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
-                    self._records[key] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+                    start = info.header_offset + 30 + name_len + extra_len
+                    if start + info.file_size > file_size:
+                        raise damaged(self.path, f"record data/{key} ends past the end of the file")
+                    self._records[key] = (start, info.file_size)
 
     def keys(self) -> list[str]:
         return list(self._refs)
@@ -255,15 +282,19 @@ class TensorSource:
         return self._where[name].read(name)
 
 
-def parse_size(text: str) -> int:
-    """'2GB' / '500MB' / '1.5GiB' / bytes -> bytes."""
+def parse_size(text: str, flag: str = "--max_shard_size") -> int:
+    """'2GB' / '500MB' / '1.5GiB' / bytes -> bytes; anything else is a one-line error naming `flag`."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = text.strip().upper()
-    number = text.rstrip("KMGIB")
-    unit = text[len(number) :]
-    if unit not in units or not number:
-        raise ValueError(f"size {text!r}: write e.g. 2GB or 500MB")
-    return int(float(number) * units[unit])
+    upper = text.strip().upper()
+    number = upper.rstrip("KMGIB")
+    unit = upper[len(number) :]
+    try:
+        size = int(float(number) * units[unit])
+    except (KeyError, ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise UserError(f"{flag} {text!r} is not a size: write e.g. 2GB, 500MB or 1.5GiB")
+    return size
 
 
 def plan_shards(entries: list[tuple[str, TensorInfo]], max_shard_bytes: int) -> list[list[tuple[str, TensorInfo]]]:
@@ -429,11 +460,6 @@ def _pickle_bytes(obj) -> bytes:
     out = io.BytesIO()
     _StubPickler(out, protocol=2).dump(obj)
     return out.getvalue()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MB, Linux ru_maxrss is in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def print_summary(what: str, written: list[Path], start: float) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 from config_utils import ConfigError, print_config
 from dataset import load_data
 from inference import adapter_dir, answer_constraint, load_trained, resolve_config, row_prompt
-from io_utils import atomic_write_text, run_cli
+from io_utils import atomic_write_text, check_output_file, run_cli
 from metrics import format_table, score
-from model_utils import generate_answers
 
+OUTPUT_FILES = ("test_predictions.jsonl", "test_metrics.json")
 TEST_DEFAULTS = {
     "max_rows": 0,  # evaluate only the first N rows of dev_path; 0 = all
     "output_dir": "",  # where test_predictions.jsonl and test_metrics.json go; '' = save_dir
@@ -38,15 +38,21 @@ def prediction_records(rows: list[dict[str, Any]], predictions: list[str], confi
 
 def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[str, Any]) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(out_dir / "test_predictions.jsonl", lines)
-    atomic_write_text(out_dir / "test_metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    predictions_file, metrics_file = (out_dir / name for name in OUTPUT_FILES)
+    atomic_write_text(predictions_file, lines)
+    atomic_write_text(metrics_file, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__)
+    config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
+    from model_utils import generate_answers  # torch and transformers: after the command line is read
+
     if not config.dev_path:
         raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
+    out_dir = Path(config.output_dir or config.save_dir)
+    for name in OUTPUT_FILES:  # checked before hours of generation, not after
+        check_output_file(out_dir / name, "output_dir", [config.dev_path, config.train_args_path])
     columns = (config.instruct_column, config.response_column)
     rows = load_data(config.dev_path, columns)
     if config.max_rows > 0:
@@ -63,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adapter = adapter_dir(config)
     metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
     metrics.update(constrained=constraint is not None, entity_types=list(constraint.types) if constraint else None)
-    out_dir = Path(config.output_dir or config.save_dir)
     write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
     print(format_table(metrics))
     print(

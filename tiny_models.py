@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from io_utils import atomic_dir
-from llama_layout import expected_shapes, meta_shard_dim, params_to_config
+from llama_layout import expected_shapes, params_to_config, shard_pieces
 from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
 from tensor_io import TensorInfo, TorchZipWriter
+from train_utils import LORA_TARGETS
 
 HUB = Path(__file__).resolve().parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"
@@ -82,30 +83,6 @@ def make_tiny_model(out_dir: str | Path, vocab: str = "alpaca", seed: int = 0, *
     return out_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca"])
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_hidden_layers", type=int, default=2)
-    parser.add_argument("--num_attention_heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    make_tiny_model(
-        args.out_dir,
-        args.vocab,
-        args.seed,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-    )
-    print(f"wrote {args.out_dir}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 def _randn(gen: torch.Generator, *shape: int, std: float = 0.02) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * std).half()
 
@@ -137,13 +114,10 @@ def make_tiny_original(
     heads = ("tok_embeddings.weight", "norm.weight", "output.weight")
     order = [heads[0], *(n for n in shapes if n not in heads), *heads[1:]]  # the order random values are drawn in
 
-    def pieces(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        split_dim = meta_shard_dim(name)
-        return [tensor] * n_shards if split_dim is None else list(tensor.chunk(n_shards, dim=split_dim))
-
     plans = [[] for _ in range(n_shards)]
     for name in order:
-        for plan, piece in zip(plans, pieces(name, torch.empty(shapes[name], device="meta")), strict=True):
+        pieces = shard_pieces(name, torch.empty(shapes[name], device="meta"), n_shards)
+        for plan, piece in zip(plans, pieces, strict=True):
             plan.append((name, TensorInfo(torch.float16, tuple(piece.shape))))
     gen = torch.Generator().manual_seed(seed)
     with contextlib.ExitStack() as stack:
@@ -155,13 +129,10 @@ def make_tiny_original(
                 tensor = (1 + _randn(gen, *shape, std=0.1).float()).half()
             else:
                 tensor = _randn(gen, *shape)
-            for writer, piece in zip(writers, pieces(name, tensor), strict=True):
+            for writer, piece in zip(writers, shard_pieces(name, tensor, n_shards), strict=True):
                 writer.write(name, piece)
     (weights / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
     return out_dir
-
-
-LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
 
 def _adapter_config_2023(base: str, r: int, lora_alpha: float) -> dict:
@@ -232,3 +203,27 @@ def make_tiny_chinese_loras(
     llama = _write_lora_2023(out_dir / "chinese-llama-plus-lora-7b", config, "chinese", r_llama, 32.0, gen)
     alpaca = _write_lora_2023(out_dir / "chinese-alpaca-plus-lora-7b", config, "alpaca", r_alpaca, 128.0, gen)
     return llama, alpaca
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca"])
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_hidden_layers", type=int, default=2)
+    parser.add_argument("--num_attention_heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    make_tiny_model(
+        args.out_dir,
+        args.vocab,
+        args.seed,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+    )
+    print(f"wrote {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

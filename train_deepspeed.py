@@ -28,6 +28,7 @@ from train_utils import (
     build_model,
     causal_lm_loss,
     check_inputs,
+    check_resume,
     deepspeed_config,
     init_distributed,
     is_main_process,
@@ -39,14 +40,14 @@ from train_utils import (
     read_deepspeed_json,
     remove_old_checkpoints,
     resolve_precision,
+    resume_state,
+    run_summary,
     save_adapter,
     world_size,
 )
 
 DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
-SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
-SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
 
 
 def make_loader(rows: list[dict], batch_size: int, collate: TrainCollate, shuffle: bool, seed: int) -> DataLoader:
@@ -73,17 +74,6 @@ def add_scheduler(ds: dict, total_steps: int, warmup_ratio: float) -> dict:
     return ds
 
 
-def check_resume(state: dict, args: Config) -> None:
-    """A resumed run must see the same model, data order and process count as the saved one."""
-    now = {**args.to_dict(), "world_size": world_size()}
-    for key in SAME_FOR_RESUME:
-        if state["train_args"].get(key) != now.get(key):
-            raise ConfigError(
-                f"resume: {key} was {state['train_args'].get(key)!r} in the saved run, now {now.get(key)!r}; "
-                f"pass {key}={state['train_args'].get(key)} or start over with resume=false"
-            )
-
-
 def log(message: str) -> None:
     """Print on rank 0 without breaking the progress bar."""
     if is_main_process():
@@ -94,7 +84,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over every process."""
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(totals)
     return totals.tolist()
@@ -110,23 +101,24 @@ def dev_loss(engine, loader: DataLoader) -> float:
             loss_sum += causal_lm_loss(engine, to_device(batch, engine.device)).item() * count
             tokens += count
     engine.train()
-    loss_sum, tokens = mean_across_ranks([loss_sum, tokens], engine.device)
+    loss_sum, tokens = sum_across_ranks([loss_sum, tokens], engine.device)
     return loss_sum / max(tokens, 1)
 
 
-def save(engine, args: Config, state: dict) -> None:
+def save(engine, args: Config, global_step: int, total_steps: int) -> None:
     """Optimizer state first, then the adapter that names it: a kill between the two keeps the old pair."""
     checkpoints = Path(args.save_dir) / CHECKPOINT_DIR
-    tag = f"global_step{state['global_step']}"
+    tag = f"global_step{global_step}"
     engine.save_checkpoint(str(checkpoints), tag=tag, exclude_frozen_parameters=True)
-    save_adapter(engine.module, args.save_dir, args, {**state, "tag": tag})
+    state = resume_state(args, global_step, total_steps, f"{CHECKPOINT_DIR}/{tag}")
+    save_adapter(engine.module, args.save_dir, args, state)
     remove_old_checkpoints(checkpoints, keep=tag)
 
 
-def main() -> None:
-    args = parse_train_args(DEFAULTS, __doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
-    init_distributed()
+    init_distributed(args.ddp_timeout)
     import deepspeed
 
     print_run_config(args)
@@ -143,6 +135,11 @@ def main() -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}; lower it or train longer"
         )
 
+    state = load_state(args.save_dir) if args.resume else None
+    if state is not None:
+        check_resume(state, args)  # before the model loads
+    elif args.resume and is_main_process():
+        print(f"resume: nothing saved in {args.save_dir} yet; starting from step 0")
     model = build_model(args, tokenizer, precision)
     ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
     args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
@@ -150,22 +147,16 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
 
     global_step = 0
-    state = load_state(args.save_dir) if args.resume else None
-    if args.resume and state is None and is_main_process():
-        print(f"resume: nothing saved in {args.save_dir} yet; starting from step 0")
     if state is not None:
-        check_resume(state, args)
-        engine.load_checkpoint(
-            str(Path(args.save_dir) / CHECKPOINT_DIR), tag=state["tag"], load_module_strict=False
-        )  # fmt: skip
+        checkpoint = Path(args.save_dir) / state["checkpoint"]
+        engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
         global_step = state["global_step"]
         if is_main_process():
             print(f"resumed from {args.save_dir} at step {global_step}/{total_steps}")
 
-    run_state = {"train_args": {**args.to_dict(), "world_size": world_size()}, "total_steps": total_steps}
     done_batches = global_step * args.gradient_accumulation_steps  # batches already trained on
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main_process())
-    window_loss, window_batches, start = 0.0, 0, time.time()
+    window_loss, window_batches, run_loss, run_batches, start = 0.0, 0, 0.0, 0, time.time()
     engine.train()
     for epoch in range(done_batches // batches_per_epoch, args.num_train_epochs):
         train_loader.sampler.set_epoch(epoch)  # same order per epoch on every run: resume can skip
@@ -178,25 +169,27 @@ def main() -> None:
             engine.step()  # steps the optimizer (and clips) only at an accumulation boundary
             window_loss += loss.item()
             window_batches += 1
+            run_loss += loss.item()
+            run_batches += 1
             if not boundary:
                 continue
             global_step += 1
             bar.update(1)
             if global_step % args.log_steps == 0 or global_step == total_steps:
-                loss_sum, count = mean_across_ranks([window_loss, window_batches], engine.device)
+                loss_sum, count = sum_across_ranks([window_loss, window_batches], engine.device)
                 lr = engine.get_lr()[0]
                 log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.2e}")
                 window_loss, window_batches = 0.0, 0
             if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
             if global_step % args.save_steps == 0 and global_step < total_steps:
-                save(engine, args, {**run_state, "global_step": global_step})
+                save(engine, args, global_step, total_steps)
     bar.close()
-    save(engine, args, {**run_state, "global_step": global_step})
-    summary = f"done: {global_step} steps in {time.time() - start:.0f}s"
-    if dev_rows:
-        summary += f", dev loss {dev_loss(engine, dev_loader):.4f}"  # every rank takes part
-    log(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
+    save(engine, args, global_step, total_steps)
+    seconds = time.time() - start
+    loss_sum, count = sum_across_ranks([run_loss, run_batches], engine.device)
+    final_dev_loss = dev_loss(engine, dev_loader) if dev_rows else None  # every rank takes part
+    log(run_summary(global_step, seconds, loss_sum / max(count, 1), final_dev_loss, args.save_dir))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,18 @@ from train_utils import (
     build_model,
     causal_lm_loss,
     check_inputs,
+    check_resume,
     deepspeed_config,
     init_distributed,
     is_main_process,
+    load_state,
     load_train_tokenizer,
     parse_train_args,
     print_run_config,
     read_deepspeed_json,
     resolve_precision,
+    resume_state,
+    run_summary,
     save_adapter,
 )
 
@@ -57,7 +61,8 @@ class SaveAdapterCallback(TrainerCallback):
         self.run_args = run_args
 
     def save(self, state, model) -> None:
-        save_adapter(model, self.run_args.save_dir, self.run_args, {"global_step": state.global_step})
+        resume = resume_state(self.run_args, state.global_step, state.max_steps, f"checkpoint-{state.global_step}")
+        save_adapter(model, self.run_args.save_dir, self.run_args, resume)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self.save(state, model)
@@ -96,6 +101,7 @@ def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -
         label_names=["labels"],
         remove_unused_columns=False,  # rows are raw dicts; TrainCollate tokenizes them
         seed=args.seed,
+        ddp_timeout=args.ddp_timeout,
         report_to="none",
     )
 
@@ -122,10 +128,10 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def main() -> None:
-    args = parse_train_args(DEFAULTS, __doc__)
+def main(argv: list[str] | None = None) -> None:
+    args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
-    init_distributed()
+    init_distributed(args.ddp_timeout)
     print_run_config(args)
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     ds = deepspeed_config(args, precision)
@@ -133,6 +139,12 @@ def main() -> None:
     training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))
     _ = training_args.device  # sets up accelerate's process state
     count_cpu_processes(training_args)
+    resume_from = last_checkpoint(args.save_dir) if args.resume else None
+    state = load_state(args.save_dir) if resume_from else None
+    if state is not None:
+        check_resume(state, args)  # before the model loads
+    if args.resume and is_main_process():
+        print(f"resuming from {resume_from}" if resume_from else f"resume: no checkpoint in {args.save_dir} yet")
 
     tokenizer = load_train_tokenizer(args)
     model = build_model(args, tokenizer, precision)
@@ -144,17 +156,13 @@ def main() -> None:
         data_collator=TrainCollate(args, tokenizer).collate_fn,
         callbacks=[SaveAdapterCallback(args)],
     )
-    resume_from = last_checkpoint(args.save_dir) if args.resume else None
-    if args.resume and is_main_process():
-        print(f"resuming from {resume_from}" if resume_from else f"resume: no checkpoint in {args.save_dir} yet")
 
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    summary = f"done: {result.global_step} steps in {time.time() - start:.0f}s, train loss {result.training_loss:.4f}"
-    if dev_rows:
-        summary += f", dev loss {trainer.evaluate()['eval_loss']:.4f}"
+    seconds = time.time() - start
+    final_dev_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
     if is_main_process():
-        print(f"{summary}; adapter in {Path(args.save_dir) / 'adapter_model'}")
+        print(run_summary(result.global_step, seconds, result.training_loss, final_dev_loss, args.save_dir))
 
 
 if __name__ == "__main__":

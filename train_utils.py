@@ -5,7 +5,10 @@
     model = build_model(args, load_train_tokenizer(args), "fp32")
     loss = causal_lm_loss(model, TrainCollate(args, tokenizer).collate_fn(rows[:12]))
 
-Each trainer keeps its own loop; this module holds what both need once. Batches are
+Each trainer keeps its own loop; this module holds what both need once, including the resume
+contract: both save save_dir/adapter_model/ with the adapter, train_args.json and STATE_FILE
+(`resume_state`: step, total steps, process count, resolved config, optimizer checkpoint), both
+refuse a resume whose SAME_FOR_RESUME keys differ (`check_resume`), and both end with `run_summary`. Batches are
 padded to their own length and left-aligned, so every answer token sits in the last few
 positions and the LM head runs only there (`logits_to_keep`): on LLaMA's 49954-token
 vocabulary the head is most of a small model's compute and most of a big one's memory.
@@ -17,20 +20,25 @@ import contextlib
 import json
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, save_config
+from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, require, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
-from io_utils import atomic_dir
-from model_utils import check_model_dir, load_tokenizer, match_vocab
+from io_utils import UserError, atomic_dir, check_output_dir_path
+from model_files import check_model_files
+from model_utils import adapter_weights_file, check_adapter_fits, check_model_dir, load_tokenizer, match_vocab
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
-STATE_FILE = "trainer_state.json"  # beside the adapter: where a resumed run starts
+STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
+# a resumed run must agree with the saved one on these (model, data, batch settings, process count)
+SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
+SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "data_name": "msra",  # dataset name; test.py/predict.py read it from train_args.json
@@ -63,6 +71,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_steps": 50,  # dev loss every N optimizer steps (0: only at the end)
     "seed": 42,  # data order, LoRA init, dropout
     "resume": False,  # continue from save_dir's last save instead of starting over
+    "ddp_timeout": 300,  # seconds a process waits for the others (joining, then each exchange) before failing
     "local_rank": -1,  # set by the deepspeed launcher; leave it
 }
 
@@ -70,14 +79,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # ----------------------------------------------------------------------------- config and checks
 
 
-def parse_train_args(defaults: dict[str, Any], description: str, argv: list[str] | None = None) -> Config:
-    """Resolve the command line against `defaults`; values that cannot be right fail here."""
-    args = ConfigParser(defaults, description).parse_main(argv)
-    positive = ["lora_r", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size"]
-    positive += ["gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps"]
-    for key in positive:
-        if getattr(args, key) <= 0:
-            raise ConfigError(f"{key}={getattr(args, key)} must be > 0")
+def parse_train_args(
+    defaults: dict[str, Any], description: str, argv: list[str] | None = None, source: str = ""
+) -> Config:
+    """Resolve the command line against `defaults`; values that cannot be right fail here.
+
+    `source`: the calling script's file; --help shows the comments of its defaults and of TRAIN_DEFAULTS.
+    """
+    args = ConfigParser(defaults, description, [__file__, source] if source else [__file__]).parse_main(argv)
+    positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
+    positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps", "ddp_timeout")
+    require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
     if not 0 <= args.warmup_ratio < 1:
@@ -107,11 +119,57 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     dev_rows = load_data(args.dev_path, columns) if args.dev_path else []
     if args.dev_max_rows > 0:
         dev_rows = dev_rows[: args.dev_max_rows]
-    check_model_dir(args.model_dir)
-    if args.peft_path and not (Path(args.peft_path) / "adapter_config.json").is_file():
-        raise ConfigError(f"peft_path={args.peft_path!r}: no adapter_config.json there; pass a LoRA directory")
+    check_model_files(args.model_dir)
+    if args.peft_path:
+        adapter_weights_file(args.peft_path)
     read_deepspeed_json(args.deepspeed_json_path)
+    check_save_dir(args)
+    check_lora_targets(args)
     return train_rows, dev_rows
+
+
+def check_save_dir(args: Config) -> None:
+    """save_dir must be a directory path, and no input may lie in a folder that saving replaces or deletes
+    (adapter_model, the Trainer's rotated checkpoint-N, DeepSpeed's checkpoints)."""
+    save_dir = check_output_dir_path(args.save_dir, "save_dir").resolve()
+    for key in ("model_dir", "peft_path", "train_path", "dev_path", "deepspeed_json_path"):
+        value = getattr(args, key)
+        path = Path(value).resolve() if value else None
+        if path is None or save_dir not in path.parents:
+            continue
+        top = path.relative_to(save_dir).parts[0]
+        if top in (ADAPTER_DIR, "deepspeed_checkpoint") or top.startswith("checkpoint-"):
+            raise ConfigError(
+                f"{key}={value} is inside {Path(args.save_dir) / top}, which training replaces or deletes: "
+                "choose another save_dir (or copy the input elsewhere first)"
+            )
+
+
+def check_lora_targets(args: Config) -> None:
+    """Every lora_target_modules name must match a layer of the model: peft would skip a typo silently.
+
+    The model is built on the meta device (no memory, no weights read) from config.json.
+    """
+    if args.peft_path:
+        return  # the LoRA's own targets are used
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = Path(args.model_dir) / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(args.model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{config_file}: transformers cannot build a model from it ({reason})") from None
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    for target in args.lora_target_modules:
+        if not any(name == target or name.endswith("." + target) for name in layers):
+            existing = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise ConfigError(
+                f"lora_target_modules: {target!r} matches no layer of {args.model_dir}; its layers are "
+                f"{', '.join(existing)} (e.g. lora_target_modules=q_proj,v_proj)"
+            )
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
@@ -204,6 +262,7 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.peft_path:
+        check_adapter_fits(model, args.peft_path, args.model_dir)
         model = PeftModel.from_pretrained(model, args.peft_path, is_trainable=True)
     else:
         try:
@@ -256,17 +315,39 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 # ----------------------------------------------------------------------------- distributed helpers
 
 
-def init_distributed() -> None:
-    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one."""
+def init_distributed(timeout_s: float = TRAIN_DEFAULTS["ddp_timeout"]) -> None:
+    """One process per rank under deepspeed/torchrun (env) or mpirun (mpi4py discovery); or just one.
+
+    Joining waits at most `timeout_s` for the other processes (so does every later exchange):
+    a machine that cannot reach the master, or a wrong --node_rank, fails with what to check.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     launched = any(key in os.environ for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
     default_port = 29500 if launched else free_port()  # a lone `python x.py` must not collide with a running job
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(),
-        auto_mpi_discovery=True,
-        distributed_port=int(os.environ.get("MASTER_PORT", default_port)),  # mpirun -x MASTER_PORT=... picks another
+    try:
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            auto_mpi_discovery=True,
+            distributed_port=int(os.environ.get("MASTER_PORT", default_port)),  # mpirun -x MASTER_PORT=... picks one
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except RuntimeError as err:  # torch's store and gloo/NCCL connection errors and timeouts
+        raise UserError(join_error(err, timeout_s)) from None
+
+
+def join_error(err: Exception, timeout_s: float) -> str:
+    """One line: who failed to join whom, torch's reason, and what to check on a multi-machine run."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    return (
+        f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the other "
+        f"processes at MASTER_ADDR:MASTER_PORT={where} within ddp_timeout={timeout_s:g}s ({reason}). Check that "
+        "every machine can reach that address and port (firewall), that each machine was started with its own "
+        "--node_rank (0 on the master) and the same --master_addr, --master_port and hostfile, and that "
+        "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME name the interface of that network; raise ddp_timeout if a "
+        "machine starts much later than the others"
     )
 
 
@@ -336,12 +417,44 @@ def save_adapter(model: torch.nn.Module, save_dir: str | Path, args: Config, sta
     return out
 
 
+def resume_state(args: Config, global_step: int, total_steps: int, checkpoint: str) -> dict[str, Any]:
+    """What both trainers save beside the adapter (STATE_FILE): the step reached, the run's length,
+    the process count, the resolved config, and the optimizer checkpoint (relative to save_dir)."""
+    return {
+        "global_step": global_step,
+        "total_steps": total_steps,
+        "world_size": world_size(),
+        "checkpoint": checkpoint,
+        "train_args": args.to_dict(),
+    }
+
+
 def load_state(save_dir: str | Path) -> dict[str, Any] | None:
     """The state saved beside the last adapter, or None when there is none."""
     path = Path(save_dir) / ADAPTER_DIR / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return load_config(path, fix="start over with resume=false")
+
+
+def check_resume(state: dict[str, Any], args: Config) -> None:
+    """A resumed run must see the same model, data, batch settings and process count as the saved one."""
+    saved = {**state["train_args"], "world_size": state["world_size"]}
+    now = {**args.to_dict(), "world_size": world_size()}
+    for key in SAME_FOR_RESUME:
+        if saved.get(key) != now.get(key):
+            fix = f"start {saved[key]} processes" if key == "world_size" else f"pass {key}={saved.get(key)}"
+            raise ConfigError(
+                f"resume: {key} was {saved.get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"{fix} or start over with resume=false"
+            )
+
+
+def run_summary(steps: int, seconds: float, train_loss: float, dev_loss: float | None, save_dir: str | Path) -> str:
+    """The one line both trainers end with."""
+    dev = f", dev loss {dev_loss:.4f}" if dev_loss is not None else ""
+    adapter = Path(save_dir) / ADAPTER_DIR
+    return f"done: {steps} steps in {seconds:.0f}s, train loss {train_loss:.4f}{dev}; adapter in {adapter}"
 
 
 def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
@@ -352,31 +465,3 @@ def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
     for path in folder.iterdir():
         if path.is_dir() and path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- recipes
-
-
-HARD_TRAIN_OVERRIDES: dict[str, Any] = {
-    "lora_r": 32,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "learning_rate": 3e-3,
-    "warmup_ratio": 0.0,
-    "train_batch_size": 4,
-    "num_train_epochs": 70,
-    "save_steps": 100000,
-    "log_steps": 20,
-    "dev_path": "",
-}
-
-
-def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str | Path, **overrides: Any) -> list[str]:
-    """Overrides that make a LoRA memorize a handful of rows (tests, the demo).
-
-    On a 2-layer hidden-64 model with the 49954-token vocabulary, 12 MSRA rows are reproduced
-    exactly by greedy decoding after ~70 epochs (tests/test_train.py checks it).
-    """
-    values = {**HARD_TRAIN_OVERRIDES, **overrides}
-    values.update(model_dir=str(model_dir), train_path=str(train_path), save_dir=str(save_dir))
-    return [f"{key}={','.join(v) if isinstance(v, list) else v}" for key, v in values.items()]

@@ -7,8 +7,9 @@
 The seed's way (2023 merge script): load the whole fp16 model, then per LoRA resize the
 embeddings, wrap in PeftModel and merge_and_unload, then save_pretrained. Ours:
 merge_llama_with_chinese_lora.py --output_type huggingface (and --output_type gguf). Each side runs in its own
-subprocess; peak RSS comes from that child's rusage (os.wait4). The parent never imports
-torch: Linux carries the parent's resident size into a forked child's ru_maxrss. Inputs are
+subprocess; peak RSS comes from io_utils.run_measured (that child's rusage, or its process
+tree's sum if larger). The parent never imports torch: Linux carries the parent's resident size
+into a forked child's ru_maxrss. Inputs are
 made (in a subprocess too) and cached under .bench/merge/; outputs are deleted after each run.
 """
 
@@ -20,11 +21,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from io_utils import run_measured  # noqa: E402
 
 WORK = ROOT / ".bench" / "merge"
 HIDDEN, HEADS, INTER, VOCAB = 2048, 16, 5504, 32000  # 7B's proportions at half the width
@@ -110,13 +114,12 @@ def make_original(layers: int) -> None:
 
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in GB, wall seconds) of a command run as a child of this small process."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[1]} failed:\n{proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024**2, wall
+    with tempfile.TemporaryFile() as log:
+        code, wall, peak = run_measured(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        if code != 0:
+            log.seek(0)
+            raise SystemExit(f"{cmd[1]} failed:\n{log.read().decode(errors='replace')[-2000:]}")
+    return peak / 1024**3, wall
 
 
 def bench_convert(layers: int) -> str:

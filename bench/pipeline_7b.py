@@ -11,7 +11,7 @@ Chinese-LLaMA-Plus-7B (r=8, alpha 32, 49953 rows) and Chinese-Alpaca-Plus-7B (r=
 49954 rows). Then runs the real commands, each as a child of this process (which never imports
 torch: Linux carries a parent's resident size into a forked child's ru_maxrss): convert to HF,
 merge both LoRAs to huggingface, merge to pth, export the merged HF model to GGUF, merge straight
-to GGUF (`--steps` picks some). Per step: wall time, the child's peak RSS (os.wait4), bytes
+to GGUF (`--steps` picks some). Per step: wall time, the child's peak RSS (io_utils.run_measured), bytes
 written, load average (the box may be shared). Results: BENCHMARKS.md. Not part of the tests.
 Inputs just written sit in the page cache when RAM allows; --cold drops them first (fadvise).
 Outputs no later step needs are deleted as soon as they are measured, to bound the disk used.
@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from io_utils import run_measured  # noqa: E402
 
 WORK = ROOT / ".bench" / "7b"
 MIN_FREE_GB = 60  # LoRAs 1.9 + HF 13.5 + merged HF 13.8 + one more 13.8 output (or the original), with margin
@@ -79,19 +81,16 @@ def evict_from_page_cache(path: Path) -> None:
 
 
 def measure(step: str, cmd: list[str], output: Path, log: Path) -> Result:
-    """Run cmd as a child; its wall time, peak RSS (rusage of that child), and size of output."""
-    start = time.time()
+    """Run cmd as a child; its wall time, peak RSS (io_utils.run_measured), and size of output."""
     with open(log, "ab") as sink:
         sink.write(f"\n$ {' '.join(cmd)}\n".encode())
         sink.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+        code, wall, peak = run_measured(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    if code != 0:
         tail = log.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{step} failed (exit {os.waitstatus_to_exitcode(status)}); end of {log}:\n{tail}")
+        raise SystemExit(f"{step} failed (exit {code}); end of {log}:\n{tail}")
     shown = " ".join(str(c).replace(str(ROOT) + "/", "") for c in cmd[1:])
-    return Result(step, shown, wall, usage.ru_maxrss / 1024**2, dir_bytes(output) / 1e9, os.getloadavg()[0])
+    return Result(step, shown, wall, peak / 1024**3, dir_bytes(output) / 1e9, os.getloadavg()[0])
 
 
 def make_inputs(work: Path, geometry: dict) -> None:

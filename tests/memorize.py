@@ -19,23 +19,15 @@ import torch
 
 from config_utils import Config, save_config
 from dataset import NerCollate
-from train_utils import LORA_TARGETS, TRAIN_DEFAULTS, causal_lm_loss
+from demo import MEMORIZE_OVERRIDES
+from train_utils import TRAIN_DEFAULTS, causal_lm_loss
 
 
-def train_args(base_dir: Path, save_dir: Path, dev_path: Path) -> dict[str, Any]:
-    """The train_args.json the training scripts would write for this run."""
-    overrides = {
-        "model_dir": str(base_dir),
-        "save_dir": str(save_dir),
-        "train_path": str(dev_path),
-        "dev_path": str(dev_path),
-        "lora_r": 32,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "learning_rate": 3e-3,
-        "max_seq_length": 256,
-    }
-    return {**TRAIN_DEFAULTS, **overrides}
+def train_args(base_dir: Path, save_dir: Path, dev_path: Path, rows: int, epochs: int) -> dict[str, Any]:
+    """The train_args.json the training scripts would write for this run (the demo's memorize recipe)."""
+    run = {"model_dir": str(base_dir), "save_dir": str(save_dir), "train_path": str(dev_path)}
+    run |= {"dev_path": str(dev_path), "train_batch_size": rows, "num_train_epochs": epochs, "max_seq_length": 256}
+    return {**TRAIN_DEFAULTS, **MEMORIZE_OVERRIDES, **run}
 
 
 def train_memorized_lora(
@@ -47,11 +39,12 @@ def train_memorized_lora(
 
     from model_utils import load_tokenizer
 
-    args = train_args(Path(base_dir), Path(save_dir), Path(dev_path))
+    args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0, target_modules=LORA_TARGETS)
+    targets = args["lora_target_modules"]
+    lora = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(model, lora)
     batch = NerCollate(Config(args), tokenizer).collate_fn(rows)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args["learning_rate"])

@@ -1,10 +1,13 @@
 """config_utils: flattening, the three override spellings, typing, unknown keys, save/load."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from config_utils import ConfigError, ConfigParser, load_config, save_config
+from conftest import ROOT
 
 DEFAULTS = {
     "data_name": "msra",
@@ -116,3 +119,44 @@ def test_load_errors_name_the_file(tmp_path):
 def test_saved_file_is_json_with_every_key(tmp_path):
     save_config(parse(), tmp_path / "a.json")
     assert set(json.loads((tmp_path / "a.json").read_text())) == set(parse().to_dict())
+
+
+def test_help_shows_each_keys_meaning_from_the_comment_beside_its_default(capsys):
+    from train_utils import TRAIN_DEFAULTS, parse_train_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", ["--help"], source=str(ROOT / "train_deepspeed.py"))
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    lines = out.splitlines()
+    lora_r = next(i for i, line in enumerate(lines) if line.split()[:1] == ["lora_r"])
+    assert lines[lora_r + 1].strip() == "LoRA rank" and "8 (int)" in lines[lora_r]
+    assert "recompute activations in backward" in out  # every key, from train_utils.py's dict
+
+
+HELP_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    assert stop.code in (0, None), stop.code
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+@pytest.mark.parametrize(
+    "script, meaning",
+    [
+        ("process.py", "dev: keep only sentences with entities"),
+        ("test.py", "evaluate only the first N rows of dev_path"),
+        ("predict.py", "generation stops at </s> or after this many tokens"),
+    ],
+)
+def test_help_answers_before_torch_is_imported(script, meaning):
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH, script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert meaning in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "torch not imported"

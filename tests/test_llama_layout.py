@@ -18,6 +18,7 @@ from llama_layout import (
     params_to_config,
     parse_adapter_key,
     permute,
+    shard_pieces,
     split_sizes,
     unpermute,
 )
@@ -144,6 +145,15 @@ def test_split_sizes():
     assert split_sizes(49954, 2) == [24977, 24977]
     assert split_sizes(49953, 2) == [24976, 24977]
     assert split_sizes(10, 1) == [10]
+
+
+def test_shard_pieces_split_as_meta_does():
+    full = torch.arange(5 * 3).view(5, 3)
+    rows = shard_pieces("output.weight", full, 2)  # split along dim 0, remainder to the last shard
+    assert [p.shape for p in rows] == [(2, 3), (3, 3)] and torch.equal(torch.cat(rows), full)
+    cols = shard_pieces("layers.0.attention.wo.weight", full.T, 2)  # along dim 1
+    assert [p.shape for p in cols] == [(3, 2), (3, 3)] and torch.equal(torch.cat(cols, 1), full.T)
+    assert all(p is full for p in shard_pieces("layers.0.ffn_norm.weight", full, 3))  # replicated
 
 
 def test_checksum_verdict():

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, import_script
 from dataset import NER_INSTRUCTION, DataError
+from io_utils import UserError
 
 process = import_script("process")
 ORI = ROOT / "data/msra/ori_data"
@@ -137,6 +138,6 @@ def test_refuses_to_overwrite_its_input(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text((ORI / "msra_1000.txt").read_text(encoding="utf-8")[:2000].rsplit("\n", 1)[0] + "\n")
     before = src.read_bytes()
-    with pytest.raises(DataError, match="input"):
+    with pytest.raises(UserError, match="input"):
         process.convert(src, src, "train")
     assert src.read_bytes() == before

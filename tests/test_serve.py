@@ -132,7 +132,7 @@ def test_chat_and_completions_with_openai_client(openai_client, memorized):
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
     rows = [memorized["seen_rows"][1], memorized["unseen_rows"][2]]  # a memorized answer, an unknown one
-    reasons = []
+    reasons, texts = [], []
     for row in rows:
         if endpoint == "chat":
             kwargs = {"messages": [{"role": "user", "content": f"{row['instruct']}\n{row['query']}"}]}
@@ -140,8 +140,8 @@ def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
         else:
             kwargs = {"prompt": build_prompt(row["instruct"], row["query"])}
             create = openai_client.completions.create
-        whole = create(model="m", max_tokens=40, **kwargs).choices[0]
-        chunks = list(create(model="m", max_tokens=40, stream=True, **kwargs))
+        whole = create(model="m", max_tokens=64, **kwargs).choices[0]
+        chunks = list(create(model="m", max_tokens=64, stream=True, **kwargs))
         if endpoint == "chat":
             pieces = [c.choices[0].delta.content or "" for c in chunks]
             text = whole.message.content
@@ -151,7 +151,8 @@ def test_streaming_equals_non_streaming(openai_client, memorized, endpoint):
         assert "".join(pieces) == text and len([p for p in pieces if p]) > 1
         assert chunks[-1].choices[0].finish_reason == whole.finish_reason
         reasons.append(whole.finish_reason)
-    assert reasons[0] == "stop"
+        texts.append(text)
+    assert texts[0] == rows[0]["answer"] and reasons[0] == "stop"  # the memorized answer ends with </s>
 
 
 def test_concurrent_ner_requests_are_batched(server, client, memorized):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
+from demo import hard_train_argv
 from model_utils import load_model, load_tokenizer
 from tiny_models import make_tiny_model
 from train_utils import (
@@ -29,9 +30,9 @@ from train_utils import (
     TRAIN_DEFAULTS,
     TrainCollate,
     causal_lm_loss,
+    check_resume,
     deepspeed_config,
     free_port,
-    hard_train_argv,
     parse_train_args,
     resolve_precision,
 )
@@ -99,27 +100,31 @@ def deepspeed_cmd(script: str, n: int = 2) -> list[str]:
 # ----------------------------------------------------------------------------- adapter checks
 
 
-def check_adapter(adapter_dir: Path, base_dir: Path, layers: int = 2, targets: list[str] = LORA_TARGETS) -> dict:
-    """The saved adapter is a real, trained LoRA: every LoRA tensor, no base weights, B not zero."""
+def check_adapter(adapter_dir: Path, base_dir: Path, targets: list[str] = LORA_TARGETS) -> dict:
+    """The saved adapter is a real, trained LoRA for base_dir: every LoRA tensor at its shape, no base
+    weights, B not zero."""
     names = {p.name for p in adapter_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= names, names
     assert not names & {"model.safetensors", "pytorch_model.bin", "adapter_model.bin"}, names
     weights = load_file(adapter_dir / "adapter_model.safetensors")
-    expected = {
-        f"base_model.model.model.layers.{i}.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}.lora_{ab}.weight"
-        for i in range(layers)
-        for t in targets
-        for ab in "AB"
-    }
-    assert set(weights) == expected  # nothing missing (ZeRO-3 partitions) and no base/full-model weights
-    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
-    assert size > sum(w.numel() * w.element_size() for w in weights.values())  # not a few hundred bytes
-    for name, tensor in weights.items():
-        assert tensor.numel() > 0 and torch.isfinite(tensor).all(), name
-        if ".lora_B." in name:
-            assert tensor.abs().max() > 0, f"{name} is still zero: the adapter was saved untrained"
     train_args = json.loads((adapter_dir / "train_args.json").read_text("utf-8"))
     assert all(key in train_args for key in TRAIN_ARGS_KEYS), sorted(set(TRAIN_ARGS_KEYS) - set(train_args))
+    config = json.loads((base_dir / "config.json").read_text())
+    hidden, inter, r = config["hidden_size"], config["intermediate_size"], train_args["lora_r"]
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+    out_in = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden)}
+    out_in |= {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    expected = {}
+    for i in range(config["num_hidden_layers"]):
+        for t in targets:
+            prefix = f"base_model.model.model.layers.{i}.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}"
+            expected[f"{prefix}.lora_A.weight"] = (r, out_in[t][1])
+            expected[f"{prefix}.lora_B.weight"] = (out_in[t][0], r)
+    assert set(weights) == set(expected)  # nothing missing and no base/full-model weights
+    for name, tensor in weights.items():  # full shapes: not ZeRO-3's empty partitions
+        assert tuple(tensor.shape) == expected[name] and torch.isfinite(tensor).all(), name
+        if ".lora_B." in name:
+            assert tensor.abs().max() > 0, f"{name} is still zero: the adapter was saved untrained"
     return weights
 
 
@@ -275,8 +280,8 @@ def test_deepspeed_two_ranks_zero3_memorizes_12_rows(ops_ready, tiny128, rows12,
     adapter = save_dir / "adapter_model"
     check_adapter(adapter, tiny128)
     logits_change(tiny128, adapter)
-    state = json.loads((adapter / "trainer_state.json").read_text())
-    assert state["global_step"] == 150 and state["train_args"]["world_size"] == 2
+    state = json.loads((adapter / "resume_state.json").read_text())
+    assert state["global_step"] == state["total_steps"] == 150 and state["world_size"] == 2
     rows = load_data(rows12)
     assert greedy_answers(tiny128, adapter, rows) == [r["answer"] for r in rows]
 
@@ -312,8 +317,8 @@ def test_deepspeed_under_mpirun_zero2(ops_ready, tiny_alpaca, rows12, tmp_path):
     assert "step 3/3" in out and "dev loss" in out
     adapter = save_dir / "adapter_model"
     check_adapter(adapter, tiny_alpaca)
-    state = json.loads((adapter / "trainer_state.json").read_text())
-    assert state["train_args"]["world_size"] == 2
+    state = json.loads((adapter / "resume_state.json").read_text())
+    assert state["world_size"] == 2 and state["train_args"]["zero_stage"] == 2
 
 
 @pytest.mark.slow
@@ -326,7 +331,7 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state_file = save_dir / "adapter_model" / "trainer_state.json"
+    state_file = save_dir / "adapter_model" / "resume_state.json"
     deadline = time.time() + 300
     while not state_file.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -334,7 +339,9 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     proc.wait()
     log.close()
     saved = json.loads(state_file.read_text())
-    assert 4 <= saved["global_step"] < 24, saved
+    assert 4 <= saved["global_step"] < 24 and saved["total_steps"] == 24, saved
+    assert set(saved) == {"global_step", "total_steps", "world_size", "checkpoint", "train_args"}  # both trainers
+    assert (save_dir / saved["checkpoint"]).is_dir() and saved["train_args"]["save_dir"] == str(save_dir)
     out = run([*argv, "resume=true"])
     if script == "train_deepspeed":
         assert f"at step {saved['global_step']}/24" in out
@@ -347,21 +354,59 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     check_adapter(save_dir / "adapter_model", tiny_alpaca)
 
 
-def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+@pytest.mark.slow  # starts each trainer (DeepSpeed's process group, its CPU ops)
+@pytest.mark.parametrize("script", ["train_deepspeed", "train_trainer"])
+def test_resume_with_other_settings_is_refused_with_one_message(ops_ready, tiny_alpaca, rows12, tmp_path, script):
+    """Both trainers read the same resume_state.json and refuse a changed key before loading the model."""
+    save_dir = tmp_path / "run"
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={save_dir}"]
+    argv += [f"deepspeed_json_path={DS_JSON}", "train_batch_size=2"]
+    saved = {**train_args(argv).to_dict(), "lora_r": 4}
+    state = {"global_step": 4, "total_steps": 24, "world_size": 1, "checkpoint": "checkpoint-4", "train_args": saved}
+    (save_dir / "checkpoint-4").mkdir(parents=True)
+    (save_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")  # the HF Trainer's own file
+    (save_dir / "adapter_model").mkdir()
+    (save_dir / "adapter_model" / "resume_state.json").write_text(json.dumps(state))
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    cmd = [PYTHON, f"{script}.py", *argv, "lora_r=8", "resume=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    fix = "pass lora_r=4 or start over with resume=false"
+    assert last == f"config error: resume: lora_r was 4 in the saved run, now 8; {fix}"
+    assert "trainable params" not in proc.stdout  # refused before the model was built
+
+
+def test_check_resume_names_the_process_count(monkeypatch):
+    args = train_args(["model_dir=m"])
+    state = {"world_size": 2, "train_args": args.to_dict()}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the process count, as a launcher sets it
+    check_resume(state, args)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="world_size was 2 in the saved run, now 1; start 2 processes"):
+        check_resume(state, args)
+
+
+def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Loss, LoRA gradients, and how often the decoder layers' attention ran in one training step."""
     from train_utils import build_model
 
     argv = [f"model_dir={model_dir}", "lora_dropout=0", *[f"{k}={v}" for k, v in overrides.items()]]
     model = build_model(train_args(argv), load_tokenizer(model_dir), "fp32")
     model.train()
+    calls = []
+    for layer in model.base_model.model.model.layers:  # a pre-hook: a recompute may stop before a module ends
+        layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
     loss = causal_lm_loss(model, batch)
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_alpaca):
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_alpaca):
     batch = TrainCollate(collate_args(), load_tokenizer(tiny_alpaca)).collate_fn(load_data(MSRA)[:3])
-    loss, grads = lora_grads(tiny_alpaca, batch)
-    loss_ckpt, grads_ckpt = lora_grads(tiny_alpaca, batch, gradient_checkpointing=True)
+    loss, grads, forwards = lora_grads(tiny_alpaca, batch)
+    loss_ckpt, grads_ckpt, forwards_ckpt = lora_grads(tiny_alpaca, batch, gradient_checkpointing=True)
+    assert (forwards, forwards_ckpt) == (2, 4)  # 2 layers; checkpointing runs each again in backward
     torch.testing.assert_close(loss, loss_ckpt)
     assert grads.keys() == grads_ckpt.keys() and any(g.abs().max() > 0 for g in grads.values())
     for name in grads:

@@ -1,0 +1,308 @@
+"""Bad input, script by script: a one-line error (exit code 2) naming the problem, nothing written,
+no input changed.
+
+Each case is one row of CASES: (script, arguments, expected exit code, a word the message must
+contain). `{name}` in an argument is a path of the `world` fixture (tiny models, adapters, data
+files, damaged and misencoded copies) or `{out}`, an empty folder of the case's own. After every
+case, every file of the world is unchanged (size and modification time) and `{out}` holds nothing
+unless the case exits 0. Add a row for each new script or flag.
+
+Most rows run in-process (the script's main() under io_utils.run_cli, as `python script.py` runs
+it); SUBPROCESS_ROWS run for real, to show exit code 2 and no traceback from a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ROOT, import_script
+from dataset import load_data
+from io_utils import run_cli
+from memorize import train_memorized_lora
+from tiny_models import make_tiny_chinese_loras, make_tiny_original
+
+MSRA_ROWS = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
+MSRA_BIO = ROOT / "data" / "msra" / "ori_data" / "msra_test_bio.txt"
+DS_JSON = ROOT / "deepspeed.json"
+
+
+class Case(NamedTuple):
+    script: str  # a key of SCRIPTS
+    args: list[str]
+    code: int
+    word: str
+
+
+SCRIPTS = {
+    "process": "process",
+    "train_trainer": "train_trainer",
+    "train_deepspeed": "train_deepspeed",
+    "test": "test",
+    "predict": "predict",
+    "chat": "chat_ner",
+    "convert": "convert_llama_weights_to_hf",
+    "merge": "merge_llama_with_chinese_lora",
+    "export": "export_gguf",
+    "serve": "serve",
+}
+TRAIN = ["model_dir={tiny}", "train_path={dev}", "dev_path=", "deepspeed_json_path={ds}", "save_dir={out}/run"]
+TEST = ["--train_args_path={train_args}", "--output_dir={out}", "--max_new_tokens=4"]
+PREDICT = ["--train_args_path={train_args}", "--max_new_tokens=4"]
+CHAT = ["--base_model", "{tiny}", "--only_cpu", "--temperature", "0", "--max_new_tokens", "4"]
+CHAT_OUT = [*CHAT, "--predictions_file", "{out}/p.json"]
+CONVERT = ["--input_dir", "{orig}", "--model_size", "7B", "--output_dir", "{out}/hf"]
+MERGE = ["--base_model", "{tiny}", "--lora_model", "{lora}", "--output_type", "huggingface", "--output_dir", "{out}/m"]
+SERVE = ["--base_model", "{tiny}", "--only_cpu", "--port", "0"]
+EXPORT = ["--model_dir", "{tiny}", "--output", "{out}/x.gguf"]
+
+CASES: dict[str, Case] = {
+    # process.py
+    "process/gbk": Case("process", ["--in_file={bio_gbk}", "--out_file={out}/x.txt"], 2, "GB18030"),
+    "process/out-is-dir": Case("process", ["--in_file={bio}", "--out_file={out}"], 2, "is a directory"),
+    "process/out-is-input": Case("process", ["--in_file={bio}", "--out_file={bio}"], 2, "is the input"),
+    "process/out-under-file": Case("process", ["--in_file={bio}", "--out_file={bio}/x.txt"], 2, "is a file"),
+    # training: every check happens before DeepSpeed starts (init_distributed is replaced by a failure)
+    "train_trainer/lora-typo": Case("train_trainer", [*TRAIN, "lora_target_modules=q_proj,vv_proj"], 2, "vv_proj"),
+    "train_deepspeed/lora-typo": Case("train_deepspeed", [*TRAIN, "lora_target_modules=vv_proj"], 2, "vv_proj"),
+    "train_trainer/eval-batch-0": Case("train_trainer", [*TRAIN, "eval_batch_size=0"], 2, "eval_batch_size=0"),
+    "train_trainer/gbk-train": Case("train_trainer", [*TRAIN, "train_path={dev_gbk}"], 2, "GB18030"),
+    "train_trainer/gbk-dev": Case("train_trainer", [*TRAIN, "dev_path={dev_gbk}"], 2, "GB18030"),
+    "train_trainer/broken-config": Case("train_trainer", [*TRAIN, "model_dir={tiny_bad_config}"], 2, "config.json"),
+    "train_deepspeed/broken-config": Case("train_deepspeed", [*TRAIN, "model_dir={tiny_bad_config}"], 2, "config.json"),
+    "train_trainer/damaged-model": Case("train_trainer", [*TRAIN, "model_dir={tiny_damaged}"], 2, "damaged"),
+    "train_trainer/damaged-peft": Case("train_trainer", [*TRAIN, "peft_path={adapter_damaged}"], 2, "damaged"),
+    "train_trainer/empty-peft": Case("train_trainer", [*TRAIN, "peft_path={adapter_empty}"], 2, "no adapter_model"),
+    "train_trainer/save-dir-is-file": Case("train_trainer", [*TRAIN, "save_dir={dev}"], 2, "is a file"),
+    "train_trainer/save-over-peft": Case(
+        "train_trainer", [*TRAIN, "peft_path={adapter}", "save_dir={run}"], 2, "replace"
+    ),
+    # test.py
+    "test/eval-batch-0": Case("test", [*TEST, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
+    "test/gbk-dev": Case("test", [*TEST, "--dev_path={dev_gbk}"], 2, "GB18030"),
+    "test/broken-train-args": Case("test", ["--train_args_path={broken_json}"], 2, "not valid JSON"),
+    "test/output-dir-is-file": Case("test", [*TEST, "--output_dir={dev}"], 2, "is a file"),
+    "test/output-is-input": Case("test", [*TEST, "--dev_path={named_output}", "--output_dir={root}"], 2, "input"),
+    "test/adapter-other-size": Case("test", [*TEST, "--adapter_path={adapter_wide}"], 2, "(8, 128)"),
+    "test/adapter-other-vocab": Case("test", [*TEST, "--adapter_path={adapter_vocab}"], 2, "49953"),
+    "test/adapter-empty": Case("test", [*TEST, "--adapter_path={adapter_empty}"], 2, "no adapter_model"),
+    "test/adapter-damaged": Case("test", [*TEST, "--adapter_path={adapter_damaged}"], 2, "damaged"),
+    "test/model-damaged": Case("test", [*TEST, "--model_dir={tiny_damaged}"], 2, "damaged"),
+    "test/tokenizer-damaged": Case("test", [*TEST, "--tokenizer_path={tokenizer_damaged}"], 2, "damaged"),
+    "test/no-room-for-input": Case("test", [*TEST, "--max_new_tokens=600", "--max_rows=1"], 2, "max_new_tokens=600"),
+    # predict.py
+    "predict/gbk": Case("predict", [*PREDICT, "--predict_path={text_gbk}"], 2, "GB18030"),
+    "predict/eval-batch-0": Case("predict", [*PREDICT, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
+    "predict/adapter-other-size": Case("predict", [*PREDICT, "--adapter_path={adapter_wide}"], 2, "(8, 128)"),
+    "predict/long-input-is-cut": Case("predict", [*PREDICT, "--predict_path={long_text}"], 0, "cut to 508 tokens"),
+    # chat_ner.py
+    "chat/lora-empty": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
+    "chat/lora-other-size": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
+    "chat/lora-other-vocab": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_vocab}"], 2, "49954"),
+    "chat/gbk": Case("chat", [*CHAT_OUT, "--data_file", "{text_gbk}"], 2, "GB18030"),
+    "chat/out-is-dir": Case("chat", [*CHAT, "--predictions_file", "{out}"], 2, "is a directory"),
+    "chat/out-is-input": Case("chat", [*CHAT, "--data_file", "{text}", "--predictions_file", "{text}"], 2, "input"),
+    "chat/out-beside-model-config": Case("chat", [*CHAT, "--predictions_file", "{tiny}/p.json"], 2, "input"),
+    "chat/batch-size-0": Case("chat", [*CHAT_OUT, "--batch_size", "0"], 2, "--batch_size 0"),
+    "chat/long-input-is-cut": Case("chat", [*CHAT_OUT, "--data_file", "{long_text}"], 0, "cut to 508"),
+    # serve.py (fails before it listens)
+    "serve/batch-0": Case("serve", [*SERVE, "--max_batch_size", "0"], 2, "--max_batch_size 0"),
+    "serve/lora-empty": Case("serve", [*SERVE, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
+    "serve/lora-other-size": Case("serve", [*SERVE, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
+    "serve/model-damaged": Case("serve", [*SERVE, "--base_model", "{tiny_damaged}"], 2, "damaged"),
+    # convert_llama_weights_to_hf.py
+    "convert/damaged-pth": Case("convert", [*CONVERT, "--input_dir", "{orig_damaged}"], 2, "damaged"),
+    "convert/shard-size": Case("convert", [*CONVERT, "--max_shard_size", "2XB"], 2, "2XB"),
+    "convert/output-is-file": Case("convert", [*CONVERT, "--output_dir", "{dev}", "--overwrite"], 2, "is a file"),
+    # merge_llama_with_chinese_lora.py
+    "merge/damaged-lora": Case("merge", [*MERGE, "--lora_model", "{lora_damaged}"], 2, "damaged"),
+    "merge/shard-size": Case("merge", [*MERGE, "--max_shard_size", "2XB"], 2, "2XB"),
+    "merge/output-is-file": Case("merge", [*MERGE, "--output_dir", "{dev}", "--overwrite"], 2, "is a file"),
+    "merge/broken-base-config": Case("merge", [*MERGE, "--base_model", "{tiny_bad_config}"], 2, "config.json"),
+    # export_gguf.py
+    "export/overwrite-tokenizer": Case(
+        "export", [*EXPORT, "--output", "{tiny}/tokenizer.model", "--overwrite"], 2, "input"
+    ),
+    "export/output-is-dir": Case("export", [*EXPORT, "--output", "{out}"], 2, "is a directory"),
+    "export/broken-config": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_config}"], 2, "config.json"),
+    "export/damaged-weights": Case("export", [*EXPORT, "--model_dir", "{tiny_damaged}"], 2, "damaged"),
+    "export/damaged-tokenizer": Case("export", [*EXPORT, "--tokenizer_dir", "{tokenizer_damaged}"], 2, "damaged"),
+}
+SUBPROCESS_ROWS = ["process/gbk", "chat/lora-empty", "export/overwrite-tokenizer"]
+
+
+# ----------------------------------------------------------------------------- the world the cases read
+
+
+def write_gbk(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("gb18030"))
+    return path
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A model folder whose files are symlinks to src's: cheap to make, then damage one file."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        (dst / file.name).symlink_to(file)
+    return dst
+
+
+def truncated(dst: Path, src: Path, keep: float = 0.6) -> Path:
+    """Replace dst (a symlink or absent) by the first `keep` share of src's bytes: a cut download."""
+    data = src.read_bytes()
+    dst.unlink(missing_ok=True)
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
+
+
+@pytest.fixture(scope="session")
+def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_input_world")
+    lines = MSRA_ROWS.read_text(encoding="utf-8").splitlines()[:3]
+    w = {"root": root, "tiny": tiny_alpaca, "ds": DS_JSON}
+    w["dev"] = root / "dev.txt"
+    w["dev"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    w["dev_gbk"] = write_gbk(root / "dev_gbk.txt", w["dev"].read_text(encoding="utf-8"))
+    w["named_output"] = root / "test_predictions.jsonl"  # a dev file named like test.py's output
+    shutil.copy(w["dev"], w["named_output"])
+    bio = "".join(MSRA_BIO.read_text(encoding="utf-8").split("\n\n", 2)[:2]) + "\n\n"
+    w["bio"] = root / "bio.txt"
+    w["bio"].write_text(bio, encoding="utf-8")
+    w["bio_gbk"] = write_gbk(root / "bio_gbk.txt", bio)
+    w["text"] = root / "text.txt"
+    w["text"].write_text("北京是中国的首都。\n", encoding="utf-8")
+    w["text_gbk"] = write_gbk(root / "text_gbk.txt", "北京是中国的首都。\n")
+    w["long_text"] = root / "long.txt"
+    w["long_text"].write_text("北京是中国的首都。" * 22000 + "\n", encoding="utf-8")  # ~200,000 characters
+    w["broken_json"] = root / "train_args.json"
+    w["broken_json"].write_text('{"model_dir": "x",\n', encoding="utf-8")
+
+    # an (untrained) LoRA with train_args.json, as training saves it; and broken variants of it
+    w["run"], _ = train_memorized_lora(tiny_alpaca, load_data(w["dev"]), root / "run", w["dev"], epochs=0)
+    w["adapter"] = w["run"] / "adapter_model"
+    w["train_args"] = w["adapter"] / "train_args.json"
+    config = (w["adapter"] / "adapter_config.json").read_text()
+    for name in ("adapter_empty", "adapter_wide", "adapter_vocab", "adapter_damaged"):
+        w[name] = root / name
+        w[name].mkdir()
+        (w[name] / "adapter_config.json").write_text(config)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(  # trained on a hidden-128 model
+        {f"{prefix}.lora_A.weight": torch.zeros(8, 128), f"{prefix}.lora_B.weight": torch.zeros(128, 8)},
+        w["adapter_wide"] / "adapter_model.safetensors",
+    )
+    save_file(  # trained with Chinese-LLaMA's 49953-token vocabulary
+        {"base_model.model.model.embed_tokens.weight": torch.zeros(49953, 64, dtype=torch.float16)},
+        w["adapter_vocab"] / "adapter_model.safetensors",
+    )
+    truncated(w["adapter_damaged"] / "adapter_model.safetensors", w["adapter"] / "adapter_model.safetensors")
+
+    # model folders: damaged weights, broken config.json
+    w["tiny_damaged"] = linked_copy(tiny_alpaca, root / "tiny_damaged")
+    truncated(w["tiny_damaged"] / "model.safetensors", tiny_alpaca / "model.safetensors")
+    w["tokenizer_damaged"] = root / "tokenizer_damaged"
+    w["tokenizer_damaged"].mkdir()
+    truncated(w["tokenizer_damaged"] / "tokenizer.model", tiny_alpaca / "tokenizer.model")
+    w["tiny_bad_config"] = linked_copy(tiny_alpaca, root / "tiny_bad_config")
+    (w["tiny_bad_config"] / "config.json").unlink()
+    (w["tiny_bad_config"] / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64\n')
+
+    # Meta's original layout (convert) and a published-style LoRA (merge), each with a cut copy
+    w["orig"] = make_tiny_original(root / "orig")
+    w["orig_damaged"] = root / "orig_damaged"
+    (w["orig_damaged"] / "7B").mkdir(parents=True)
+    (w["orig_damaged"] / "tokenizer.model").symlink_to(w["orig"] / "tokenizer.model")
+    (w["orig_damaged"] / "7B" / "params.json").symlink_to(w["orig"] / "7B" / "params.json")
+    truncated(w["orig_damaged"] / "7B" / "consolidated.00.pth", w["orig"] / "7B" / "consolidated.00.pth")
+    _, w["lora"] = make_tiny_chinese_loras(tiny_alpaca, root / "loras")
+    w["lora_damaged"] = linked_copy(w["lora"], root / "lora_damaged")
+    truncated(w["lora_damaged"] / "adapter_model.bin", w["lora"] / "adapter_model.bin")
+    return w
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the folders: a replaced or rewritten input changes it."""
+    files = {}
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                stat = path.stat()
+                files[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def case_argv(case: Case, world: dict[str, Path], out: Path) -> list[str]:
+    return [arg.format(**world, out=out) for arg in case.args]
+
+
+_MODULES: dict[str, object] = {}
+
+
+def run_in_process(script: str, argv: list[str], monkeypatch) -> int:
+    """The script's main(argv) as `python script.py` runs it: a UserError becomes one line and exit code 2."""
+    if script not in _MODULES:
+        _MODULES[script] = import_script(SCRIPTS[script])
+    module = _MODULES[script]
+    if hasattr(module, "init_distributed"):  # a trainer that got past its checks would start DeepSpeed
+
+        def must_not_start(*args, **kwargs):
+            raise AssertionError("got past the input checks")
+
+        monkeypatch.setattr(module, "init_distributed", must_not_start)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # chat_ner sets it
+    monkeypatch.setattr(sys, "argv", [f"{SCRIPTS[script]}.py", *argv])
+    try:
+        run_cli(lambda: module.main(argv))
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0
+
+
+def check_message(case: Case, code: int, stderr: str) -> None:
+    assert code == case.code, stderr
+    assert "Traceback" not in stderr, stderr
+    if case.code == 2:
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith(("error: ", "config error: ", "data error: ")), last
+        assert case.word in last, last
+    else:
+        assert case.word in stderr, stderr
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, world, tmp_path, monkeypatch, capsys):
+    case = CASES[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(world["root"], world["tiny"])
+    code = run_in_process(case.script, case_argv(case, world, out), monkeypatch)
+    check_message(case, code, capsys.readouterr().err)
+    assert snapshot(world["root"], world["tiny"]) == before, "an input changed or a file appeared beside the inputs"
+    if case.code != 0:
+        assert not any(out.iterdir()), "a failed run wrote output"
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_ROWS)
+def test_bad_input_subprocess(name, world, tmp_path):
+    case = CASES[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, f"{SCRIPTS[case.script]}.py", *case_argv(case, world, out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    check_message(case, proc.returncode, proc.stderr)
+    assert not any(out.iterdir())
