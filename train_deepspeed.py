@@ -126,11 +126,12 @@ def save(engine, args: Config, state: dict) -> None:
 def main() -> None:
     args = parse_train_args(DEFAULTS, __doc__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
+    args.precision = precision  # train_args.json records the precision used
     init_distributed()
     import deepspeed
 
     print_run_config(args)
-    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     tokenizer = load_train_tokenizer(args)
     collate = TrainCollate(args, tokenizer)
     train_loader = make_loader(train_rows, args.train_batch_size, collate, shuffle=True, seed=args.seed)
