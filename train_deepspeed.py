@@ -118,11 +118,12 @@ def save(engine, args: Config, global_step: int, total_steps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
+    args.precision = precision  # train_args.json records the precision used
     init_distributed(args.ddp_timeout)
     import deepspeed
 
     print_run_config(args)
-    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     tokenizer = load_train_tokenizer(args)
     collate = TrainCollate(args, tokenizer)
     train_loader = make_loader(train_rows, args.train_batch_size, collate, shuffle=True, seed=args.seed)

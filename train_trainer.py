@@ -87,6 +87,7 @@ def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -
         weight_decay=opt["weight_decay"],
         fp16=precision == "fp16",
         bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),  # else the Trainer refuses bf16 without a GPU; DeepSpeed still runs
         per_device_eval_batch_size=args.eval_batch_size,
         num_train_epochs=args.num_train_epochs,
         lr_scheduler_type="linear",
@@ -131,9 +132,10 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
+    args.precision = precision  # train_args.json records the precision used
     init_distributed(args.ddp_timeout)
     print_run_config(args)
-    precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     ds = deepspeed_config(args, precision)
     args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
     training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))

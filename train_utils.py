@@ -177,11 +177,20 @@ def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> str:
-    """'fp16', 'bf16' or 'fp32' from deepspeed.json's fp16/bf16 sections; fp16 needs CUDA."""
+    """'fp16', 'bf16' or 'fp32' from deepspeed.json's fp16/bf16 sections; fp16 needs CUDA.
+
+    bf16 on hardware without it (a pre-Ampere GPU) is a ConfigError, raised before any model loads.
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fp16 = ds_config.get("fp16", {}).get("enabled", False)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     if bf16 is True:
+        if not bf16_supported(cuda):
+            device = f"this GPU ({torch.cuda.get_device_name()})" if cuda else "this CPU"
+            raise ConfigError(
+                f"deepspeed.json enables bf16, but {device} cannot train in bf16 (GPUs need Ampere or newer): "
+                'set "bf16": {"enabled": false} and "fp16": {"enabled": true} instead'
+            )
         return "bf16"
     if fp16 in (True, "auto"):
         if cuda:
@@ -189,6 +198,13 @@ def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> st
         if is_main_process():
             print("note: deepspeed.json asks for fp16, which needs CUDA; training in fp32 on the CPU")
     return "fp32"
+
+
+def bf16_supported(cuda: bool) -> bool:
+    """The Hugging Face Trainer's own test, so the two trainers accept the same machines."""
+    from transformers.utils import is_torch_bf16_available_on_device, is_torch_bf16_gpu_available
+
+    return is_torch_bf16_gpu_available() if cuda else is_torch_bf16_available_on_device("cpu")
 
 
 def deepspeed_config(args: Config, precision: str) -> dict[str, Any]:

@@ -140,7 +140,8 @@ def logits_change(base_dir: Path, adapter_dir: Path) -> None:
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
     saved = load_file(adapter_dir / "adapter_model.safetensors")
     live = tuned.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
-    torch.testing.assert_close(live, saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+    saved_b = saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(live, saved_b.to(live.dtype))  # peft loads a bf16 adapter into fp32 LoRA weights
 
 
 def greedy_answers(base_dir: Path, adapter_dir: Path, rows: list[dict]) -> list[str]:
@@ -260,6 +261,37 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alp
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.fixture(scope="module")
+def bf16_json(tmp_path_factory) -> Path:
+    """deepspeed.json switched to bf16 the way the README says: fp16 section removed, bf16 enabled."""
+    ds = json.loads(Path(DS_JSON).read_text("utf-8"))
+    del ds["fp16"]
+    ds["bf16"] = {"enabled": True}
+    path = tmp_path_factory.mktemp("ds") / "deepspeed_bf16.json"
+    path.write_text(json.dumps(ds, indent=2), "utf-8")
+    return path
+
+
+@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
+def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, bf16_json, script):
+    import train_utils
+
+    module = import_script(script)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("got past the precision check")
+
+    monkeypatch.setattr(train_utils, "bf16_supported", lambda cuda: False)  # e.g. a V100
+    monkeypatch.setattr(module, "init_distributed", must_not_run)
+    monkeypatch.setattr(module, "build_model", must_not_run)
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={MSRA}", "dev_path=", f"save_dir={tmp_path / 'out'}"]
+    monkeypatch.setattr(sys, "argv", [script, *argv, f"deepspeed_json_path={bf16_json}"])
+    with pytest.raises(SystemExit) as err:
+        module.main()
+    assert err.value.code == 2 and "cannot train in bf16" in str(err.value) and "fp16" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_key_is_one_line_and_exit_2():
     proc = subprocess.run([PYTHON, "train_trainer.py", "lora_rr=4"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
@@ -304,6 +336,22 @@ def test_trainer_two_ranks_zero3_saves_the_trained_adapter(ops_ready, tiny_alpac
         torch.testing.assert_close(weights[name], hf_copy[name])
     train_args = json.loads((adapter / "train_args.json").read_text())
     assert train_args["save_dir"] == str(save_dir) and train_args["lora_r"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
+def test_bf16_on_the_cpu_trains_and_records_it(ops_ready, tiny_alpaca, rows12, bf16_json, tmp_path, script):
+    """deepspeed.json with bf16 on a machine without CUDA: both trainers train in bf16 (README's promise)."""
+    save_dir = tmp_path / "run"
+    argv = [PYTHON, f"{script}.py", f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path="]
+    argv += [f"save_dir={save_dir}", "train_batch_size=4", "learning_rate=1e-3", "lora_dropout=0", "log_steps=1"]
+    out = run([*argv, f"deepspeed_json_path={bf16_json}"])
+    assert "done: 3 steps" in out
+    adapter = save_dir / "adapter_model"
+    weights = check_adapter(adapter, tiny_alpaca)  # saved, every LoRA tensor, B trained away from its zero init
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}  # the weights DeepSpeed trained were bf16
+    assert json.loads((adapter / "train_args.json").read_text("utf-8"))["precision"] == "bf16"
+    logits_change(tiny_alpaca, adapter)
 
 
 @pytest.mark.slow
