@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
     p.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument(
+        "--load_in_kbits", type=int, choices=[4, 8, 16], default=16, help="base in 4 or 8 bits (bitsandbytes); 16: not"
+    )
     p.add_argument("--batch_size", type=int, default=8, help="inputs generated together in batch mode")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy decoding")
     p.add_argument("--top_p", type=float, default=0.9)
@@ -105,7 +108,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     device = "cpu" if args.only_cpu else None
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
-    model = load_model(args.base_model, args.lora_model, args.dtype, device, tokenizer)
+    bits = 0 if args.load_in_kbits == 16 else args.load_in_kbits
+    model = load_model(args.base_model, args.lora_model, args.dtype, device, tokenizer, bits)
     print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
     return model, tokenizer
 

@@ -27,6 +27,7 @@ EVAL_DEFAULTS = {
     "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # '' = cuda when available, else cpu
+    "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -67,7 +68,9 @@ def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     adapter = adapter_dir(config)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
-    model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
+    model = load_model(
+        config.model_dir, adapter, config.dtype, config.device or None, tokenizer, config.quantization_bit
+    )
     return model, tokenizer
 
 
