@@ -39,6 +39,7 @@ EVAL_DEFAULTS = {
     "device": "",  # '' = cuda when available, else cpu
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
     "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
+    "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -91,7 +92,9 @@ def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
         adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
-    model = load_model(config.model_dir, adapter, config.dtype, config.device or None, tokenizer)
+    model = load_model(
+        config.model_dir, adapter, config.dtype, config.device or None, tokenizer, config.quantization_bit
+    )
     return model, tokenizer
 
 
@@ -160,6 +163,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
     parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    parser.add_argument(
+        "--load_in_kbits", type=int, choices=[4, 8, 16], default=16, help="base in 4 or 8 bits (bitsandbytes); 16: not"
+    )
     parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
                         "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
 
@@ -184,6 +190,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
         adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
-    model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer)
+    bits = 0 if args.load_in_kbits == 16 else args.load_in_kbits
+    model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer, bits)
     print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
     return model, tokenizer

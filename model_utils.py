@@ -27,6 +27,8 @@ from llama_layout import parse_adapter_key
 from tensor_io import open_tensor_file
 
 PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
+QUANTIZATION_BITS = (0, 4, 8)  # quantization_bit: 0 = none, 4 = NF4 (QLoRA), 8 = LLM.int8 (bitsandbytes)
+UNQUANTIZED_MODULES = ["embed_tokens", "lm_head"]  # kept in the model dtype when the rest is quantized
 
 
 class ModelLoadError(UserError):
@@ -260,18 +262,69 @@ def match_vocab(model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer) 
         )
 
 
+def check_quantization(bits: int, device: str, key: str = "quantization_bit") -> None:
+    """Refuse, before any model loads, a bit width that bitsandbytes cannot run on `device`."""
+    if bits not in QUANTIZATION_BITS:
+        raise ModelLoadError(f"{key}={bits}: use 0 (no quantization), 4 (NF4, QLoRA) or 8 (LLM.int8)")
+    if not bits:
+        return
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb
+    except ImportError as err:
+        raise ModelLoadError(f"{key}={bits} needs bitsandbytes ({err}): pip install bitsandbytes==0.50.2") from None
+    probe = torch.ones(64, 64, dtype=torch.float16, device=device)
+    try:  # the operation the 4-bit or 8-bit layers will run, on a 64 x 64 block
+        if bits == 4:
+            bnb.quantize_4bit(probe, quant_type="nf4")
+        else:
+            bnb.int8_vectorwise_quant(probe)
+    except Exception as err:  # bitsandbytes reports a missing backend in many ways
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"{key}={bits}: bitsandbytes {bitsandbytes.__version__} cannot quantize on {device} ({reason}); "
+            f"use {key}=0" + ("" if bits == 8 else " or 8")
+        ) from None
+
+
+def pretrained_kwargs(bits: int, dtype: torch.dtype, device: str) -> dict[str, Any]:
+    """from_pretrained arguments loading the base in `dtype`, or quantized to `bits` with compute in `dtype`.
+
+    4: NF4 with double quantization (QLoRA's recipe); 8: LLM.int8. embed_tokens and lm_head stay
+    in `dtype`. Training (train_utils.build_model) and evaluation (load_model) both load this way.
+    """
+    if not bits:
+        return {"dtype": dtype}
+    check_quantization(bits, device)
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return {"dtype": dtype, "quantization_config": config, "device_map": {"": device}}
+
+
 def load_model(
     path: str | Path,
     adapter_path: str | Path | None = None,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
     tokenizer: LlamaSentencePieceTokenizer | None = None,
+    quantization_bit: int = 0,
 ) -> torch.nn.Module:
-    """A causal LM (optionally with a LoRA adapter) in eval mode on `device`."""
+    """A causal LM (optionally with a LoRA adapter, optionally on a 4/8-bit base) in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), dtype=resolve_dtype(dtype, device))
+    kwargs = pretrained_kwargs(quantization_bit, resolve_dtype(dtype, device), device)
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), **kwargs)
     if tokenizer is not None:
         match_vocab(model, tokenizer)
     if adapter_path:
@@ -283,7 +336,9 @@ def load_model(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
             )
             model = PeftModel.from_pretrained(model, str(adapter_path))
-    return model.to(device).eval()
+    if not quantization_bit:  # a quantized model is placed by device_map and refuses .to()
+        model = model.to(device)
+    return model.eval()
 
 
 def generate_answers(

@@ -31,7 +31,16 @@ from config_utils import Config, ConfigError, ConfigParser, load_config, print_c
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from io_utils import UserError, atomic_dir, check_output_dir_path
 from model_files import check_model_files
-from model_utils import adapter_weights_file, check_adapter_fits, check_model_dir, load_tokenizer, match_vocab
+from model_utils import (
+    QUANTIZATION_BITS,
+    adapter_weights_file,
+    check_adapter_fits,
+    check_model_dir,
+    check_quantization,
+    load_tokenizer,
+    match_vocab,
+    pretrained_kwargs,
+)
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
@@ -66,6 +75,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "zero_stage": -1,  # ZeRO stage 0-3; -1: deepspeed.json's (1)
     "deepspeed_json_path": "deepspeed.json",  # DeepSpeed config; batch/lr/clip/precision filled from here
     "gradient_checkpointing": False,  # recompute activations in backward: less memory, ~30% slower
+    "quantization_bit": 0,  # 0: base in the training dtype; 4: NF4 base (QLoRA), 8: LLM.int8 base (bitsandbytes)
     "log_steps": 10,  # print the mean loss every N optimizer steps
     "save_steps": 50,  # save the adapter (and the resume state) every N optimizer steps
     "eval_steps": 50,  # dev loss every N optimizer steps (0: only at the end)
@@ -94,6 +104,8 @@ def parse_train_args(
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
     if not 0 <= args.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio={args.warmup_ratio} must be in [0, 1)")
+    if args.quantization_bit not in QUANTIZATION_BITS:
+        raise ConfigError(f"quantization_bit={args.quantization_bit} must be 0 (none), 4 (NF4, QLoRA) or 8 (LLM.int8)")
     if args.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError(f"zero_stage={args.zero_stage} must be 0, 1, 2, 3 or -1 (deepspeed.json's)")
     if args.learning_rate is not None and (
@@ -122,7 +134,7 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     check_model_files(args.model_dir)
     if args.peft_path:
         adapter_weights_file(args.peft_path)
-    read_deepspeed_json(args.deepspeed_json_path)
+    check_kbit(args, read_deepspeed_json(args.deepspeed_json_path))
     check_save_dir(args)
     check_lora_targets(args)
     return train_rows, dev_rows
@@ -170,6 +182,23 @@ def check_lora_targets(args: Config) -> None:
                 f"lora_target_modules: {target!r} matches no layer of {args.model_dir}; its layers are "
                 f"{', '.join(existing)} (e.g. lora_target_modules=q_proj,v_proj)"
             )
+
+
+def check_kbit(args: Config, ds_config: dict[str, Any]) -> None:
+    """quantization_bit must be 0/4/8, runnable by bitsandbytes here, and not under ZeRO-3."""
+    stage = args.zero_stage if args.zero_stage >= 0 else ds_config.get("zero_optimization", {}).get("stage", 0)
+    if args.quantization_bit and stage == 3:
+        raise ConfigError(
+            f"quantization_bit={args.quantization_bit} with ZeRO-3: ZeRO-3 partitions every parameter, and "
+            "bitsandbytes' packed 4/8-bit weights cannot be partitioned; use zero_stage=1 or 2 (the frozen "
+            "quantized base is small, only the LoRA's optimizer state is sharded)"
+        )
+    check_quantization(args.quantization_bit, train_device())
+
+
+def train_device() -> str:
+    """This process's device: its GPU under a launcher (LOCAL_RANK), else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
@@ -272,9 +301,12 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(args.model_dir), dtype=dtype)
+    kwargs = pretrained_kwargs(args.quantization_bit, dtype, train_device())
+    model = AutoModelForCausalLM.from_pretrained(check_model_dir(args.model_dir), **kwargs)
     match_vocab(model, tokenizer)
     model.config.use_cache = False
+    if args.quantization_bit:
+        model = prepare_kbit(model, dtype)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.peft_path:
@@ -289,6 +321,23 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return model
+
+
+def prepare_kbit(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """peft's preparation of a 4/8-bit base (every base weight frozen), back in the training dtype.
+
+    prepare_model_for_kbit_training upcasts every unquantized weight (norms, embed_tokens,
+    lm_head) to fp32; DeepSpeed casts them to the training dtype again. Casting here keeps the
+    model consistent on its own and the fp32 copies out of the peak (at 7B, embed_tokens and
+    lm_head in fp32 are 1.6 GB, a third of what the 4-bit layers weigh).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        if param.dtype == torch.float32 and dtype != torch.float32:
+            param.data = param.data.to(dtype)
     return model
 
 

@@ -31,18 +31,31 @@ def train_args(base_dir: Path, save_dir: Path, dev_path: Path, rows: int, epochs
 
 
 def train_memorized_lora(
-    base_dir: Path, rows: list[dict[str, Any]], save_dir: Path, dev_path: Path, epochs: int = 120, seed: int = 0
+    base_dir: Path,
+    rows: list[dict[str, Any]],
+    save_dir: Path,
+    dev_path: Path,
+    epochs: int = 120,
+    seed: int = 0,
+    quantization_bit: int = 0,
 ) -> tuple[Path, list[float]]:
-    """Fit a LoRA on `rows` (full batch) and save it with train_args.json; returns (save_dir, loss per epoch)."""
+    """Fit a LoRA on `rows` (full batch) and save it with train_args.json; returns (save_dir, loss per epoch).
+
+    quantization_bit=4/8 trains on a bitsandbytes base loaded and prepared as the trainers do (QLoRA).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from model_utils import load_tokenizer
+    from model_utils import load_tokenizer, pretrained_kwargs
+    from train_utils import prepare_kbit
 
     args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
+    args["quantization_bit"] = quantization_bit
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **pretrained_kwargs(quantization_bit, torch.float32, "cpu"))
+    if quantization_bit:
+        model = prepare_kbit(model, torch.float32)
     targets = args["lora_target_modules"]
     lora = LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(model, lora)

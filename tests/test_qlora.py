@@ -1,0 +1,203 @@
+"""QLoRA: LoRA training and evaluation on a 4-bit (or 8-bit) bitsandbytes base, on tiny models.
+
+bitsandbytes runs its 4-bit and 8-bit layers on the CPU, so the real code path (transformers'
+BitsAndBytesConfig, peft's prepare_model_for_kbit_training, DeepSpeed) is exercised here. The
+training runs share test_train.py's helpers and fixtures (DeepSpeed's ops build among them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, import_script
+from dataset import load_data
+from memorize import train_memorized_lora
+from model_utils import ModelLoadError, load_model, load_tokenizer
+from test_train import (  # noqa: F401 - fixtures used by name
+    DS_JSON,
+    MSRA,
+    PYTHON,
+    bf16_json,
+    check_adapter,
+    deepspeed_cmd,
+    deepspeed_ops,
+    logits_change,
+    ops_ready,
+    rows12,
+    run,
+    train_args,
+)
+from train_utils import TrainCollate, build_model, causal_lm_loss
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kbit_base_quantizes_the_projections_only_and_trains_the_lora(tiny_alpaca, bits):
+    import bitsandbytes as bnb
+
+    args = train_args([f"model_dir={tiny_alpaca}", f"quantization_bit={bits}", "lora_dropout=0"])
+    model = build_model(args, load_tokenizer(tiny_alpaca), "bf16")
+    llama = model.base_model.model
+    for name, module in llama.named_modules():
+        if name.endswith("_proj") and not name.split(".")[-1].startswith("lora"):
+            layer = getattr(module, "base_layer", module)
+            assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt), name
+    q_proj = llama.model.layers[0].self_attn.q_proj.base_layer
+    if bits == 4:  # NF4 with double quantization, computing in the training dtype
+        state = q_proj.weight.quant_state
+        assert state.quant_type == "nf4" and state.nested and q_proj.compute_dtype == torch.bfloat16
+        assert q_proj.weight.dtype == torch.uint8 and q_proj.weight.numel() * 2 == 64 * 64  # two weights per byte
+    else:
+        assert q_proj.weight.dtype == torch.int8
+    for module, kind in ((llama.model.embed_tokens, torch.nn.Embedding), (llama.lm_head, torch.nn.Linear)):
+        assert type(module) is kind and module.weight.dtype == torch.bfloat16  # unquantized, training dtype
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+    batch = TrainCollate(train_args([]), load_tokenizer(tiny_alpaca)).collate_fn(load_data(MSRA)[:2])
+    causal_lm_loss(model, batch).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+
+
+KBIT_CASES = ["bad bits", "zero3 on the command line", "zero3 in deepspeed.json", "no bitsandbytes"]
+KBIT_CASES += ["device unsupported"]
+
+
+def kbit_cases(monkeypatch) -> tuple[Callable[[str], None], dict[str, tuple[list[str], str]]]:
+    """(a function that breaks bitsandbytes the way `case` needs, {case: (argv, expected message)})."""
+    import bitsandbytes.functional
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no 4-bit kernel for this device")
+
+    def missing(case: str) -> None:
+        if case == "no bitsandbytes":
+            monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+            monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+        if case == "device unsupported":
+            monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
+
+    return missing, {
+        "bad bits": (["quantization_bit=3"], "quantization_bit=3 must be 0 (none), 4 (NF4, QLoRA) or 8"),
+        "zero3 on the command line": (["quantization_bit=4", "zero_stage=3"], "quantization_bit=4 with ZeRO-3"),
+        "zero3 in deepspeed.json": (["quantization_bit=8", "zero3_json"], "quantization_bit=8 with ZeRO-3"),
+        "no bitsandbytes": (["quantization_bit=4"], "needs bitsandbytes"),
+        "device unsupported": (["quantization_bit=4"], "cannot quantize on cpu (no 4-bit kernel for this device)"),
+    }
+
+
+@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
+@pytest.mark.parametrize("case", KBIT_CASES)
+def test_bad_kbit_combinations_fail_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, script, case):
+    module = import_script(script)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("got past the input checks")
+
+    monkeypatch.setattr(module, "init_distributed", must_not_run)
+    monkeypatch.setattr(module, "build_model", must_not_run)
+    break_it, cases = kbit_cases(monkeypatch)
+    argv, message = cases[case]
+    if "zero3_json" in argv:
+        ds = {**json.loads(Path(DS_JSON).read_text("utf-8")), "zero_optimization": {"stage": 3}}
+        (tmp_path / "ds3.json").write_text(json.dumps(ds), "utf-8")
+        argv = [a for a in argv if a != "zero3_json"]
+    ds_json = tmp_path / "ds3.json" if (tmp_path / "ds3.json").exists() else DS_JSON
+    break_it(case)
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={MSRA}", "dev_path=", f"save_dir={tmp_path / 'out'}", *argv]
+    monkeypatch.setattr(sys, "argv", [script, *argv, f"deepspeed_json_path={ds_json}"])
+    with pytest.raises(SystemExit) as err:
+        module.main()
+    assert err.value.code == 2 and message in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_refuses_a_bad_bit_width(tiny_alpaca):
+    with pytest.raises(ModelLoadError, match="use 0 \\(no quantization\\), 4 \\(NF4, QLoRA\\) or 8"):
+        load_model(tiny_alpaca, quantization_bit=2, device="cpu")
+
+
+def check_qlora_run(save_dir: Path, base: Path, precision: str) -> None:
+    """A trained adapter, recorded as 4-bit, that loads with PeftModel on the unquantized base and changes it."""
+    adapter = save_dir / "adapter_model"
+    check_adapter(adapter, base)
+    recorded = json.loads((adapter / "train_args.json").read_text("utf-8"))
+    assert recorded["quantization_bit"] == 4 and recorded["precision"] == precision
+    logits_change(base, adapter)  # fp32 base, no bitsandbytes: the adapter is a plain LoRA
+
+
+@pytest.mark.slow
+def test_qlora_two_ranks_zero2_bf16(ops_ready, tiny_alpaca, rows12, bf16_json, tmp_path):  # noqa: F811
+    """deepspeed --num_gpus 2 train_deepspeed.py on a 4-bit base, ZeRO-2, bf16."""
+    save_dir = tmp_path / "run"
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={save_dir}", "zero_stage=2"]
+    argv += ["quantization_bit=4", "train_batch_size=2", "learning_rate=1e-3", "lora_dropout=0", "log_steps=1"]
+    out = run([*deepspeed_cmd("train_deepspeed.py"), *argv, f"deepspeed_json_path={bf16_json}"])
+    assert "done: 3 steps" in out
+    check_qlora_run(save_dir, tiny_alpaca, "bf16")
+    assert json.loads((save_dir / "adapter_model" / "trainer_state.json").read_text())["train_args"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_qlora_trainer_one_process(ops_ready, tiny_alpaca, rows12, tmp_path):  # noqa: F811
+    """python train_trainer.py on a 4-bit base with the shipped deepspeed.json (ZeRO-1; fp32 on the CPU)."""
+    save_dir = tmp_path / "run"
+    argv = [PYTHON, "train_trainer.py", f"model_dir={tiny_alpaca}", f"train_path={rows12}", f"dev_path={rows12}"]
+    argv += [f"save_dir={save_dir}", "quantization_bit=4", "train_batch_size=4", "learning_rate=1e-3"]
+    out = run([*argv, "lora_dropout=0", "eval_steps=3", f"deepspeed_json_path={DS_JSON}"])
+    assert "done: 3 steps" in out and "eval_loss" in out
+    check_qlora_run(save_dir, tiny_alpaca, "fp32")
+
+
+# ----------------------------------------------------------------------------- memorize, evaluate, merge
+
+
+@pytest.fixture(scope="module")
+def memorized_4bit(tiny_alpaca, tmp_path_factory) -> dict:
+    """A LoRA that memorized 12 rows on the 4-bit base (tests/memorize.py with quantization_bit=4)."""
+    work = tmp_path_factory.mktemp("memorized_4bit")
+    rows = load_data(MSRA)[:12]
+    seen = work / "seen.txt"
+    seen.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    save_dir, losses = train_memorized_lora(tiny_alpaca, rows, work / "run", seen, quantization_bit=4)
+    assert losses[-1] < losses[0]
+    return {"save_dir": save_dir, "rows": rows, "seen": seen, "work": work}
+
+
+@pytest.mark.slow
+def test_memorized_4bit_lora_is_exact_when_evaluated_on_the_4bit_base(memorized_4bit, capsys):
+    """test.py loads the base 4-bit by default (train_args.json says so) and reproduces every answer."""
+    train_args_path = memorized_4bit["save_dir"] / "adapter_model" / "train_args.json"
+    assert json.loads(train_args_path.read_text("utf-8"))["quantization_bit"] == 4
+    metrics = import_script("test").main([f"--train_args_path={train_args_path}", "--max_new_tokens=64"])
+    assert re.search(r"quantization_bit\s+= 4\n", capsys.readouterr().out)  # the config test.py printed
+    assert metrics["f1"] == 1.0 and metrics["exact_match"] == 1.0 and metrics["n"] == 12
+
+
+@pytest.mark.slow
+def test_qlora_adapter_merges_into_the_fp16_base_like_any_lora(memorized_4bit, tiny_alpaca):
+    """merge_llama_with_chinese_lora.py: fp16 output equal to PeftModel on the unquantized base."""
+    lora = memorized_4bit["work"] / "lora"
+    shutil.copytree(memorized_4bit["save_dir"] / "adapter_model", lora)
+    shutil.copy(tiny_alpaca / "tokenizer.model", lora)  # the merge reads each LoRA's tokenizer
+    out = memorized_4bit["work"] / "merged"
+    cmd = [sys.executable, "merge_llama_with_chinese_lora.py", "--base_model", str(tiny_alpaca)]
+    proc = subprocess.run([*cmd, "--lora_model", str(lora), "--output_type", "huggingface", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.tensor([[1, 29871, 30662, 30675, 2]])
+    with torch.no_grad():
+        merged = load_model(out, device="cpu", dtype="float32")(ids).logits
+        reference = load_model(tiny_alpaca, lora, device="cpu", dtype="float32")(ids).logits
+        base = load_model(tiny_alpaca, device="cpu", dtype="float32")(ids).logits
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    torch.testing.assert_close(merged, reference, rtol=0, atol=2e-2)  # fp16 rounding of the merged weights
+    assert (merged - base).abs().max() > 0.1
