@@ -34,8 +34,11 @@ WORK = ROOT / ".bench" / "merge"
 HIDDEN, HEADS, INTER, VOCAB = 2048, 16, 5504, 32000  # 7B's proportions at half the width
 
 
-def make_base(out: Path, layers: int) -> Path:
-    """A random fp16 LLaMA written tensor by tensor (a real init of 1 B params would take minutes)."""
+def make_base(out: Path, layers: int, vocab: str = "llama") -> Path:
+    """A random fp16 LLaMA written tensor by tensor (a real init of 1 B params would take minutes).
+
+    vocab: the tokenizer written beside it, 'llama' (32000 tokens) or 'alpaca' (49954).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -44,7 +47,7 @@ def make_base(out: Path, layers: int) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    config = tiny_llama_config(VOCAB, HIDDEN, layers, HEADS, INTER)
+    config = tiny_llama_config({"llama": VOCAB, "alpaca": 49954}[vocab], HIDDEN, layers, HEADS, INTER)
     config.dtype = torch.float16
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -69,7 +72,7 @@ def make_base(out: Path, layers: int) -> Path:
                 shard, shard_bytes = {}, 0
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         config.save_pretrained(tmp)
-        write_tokenizer(tmp, "llama")
+        write_tokenizer(tmp, vocab)
     return out
 
 
