@@ -264,7 +264,9 @@ def test_predict_plain_text_and_json_lines(memorized, tmp_path, capsys):
 def test_predict_builtin_examples(memorized, memorized_model, capsys):
     """Without --predict_path: the three built-in examples, generated as generate_answers does, shown with gold."""
     predict = import_script("predict")
-    predictions = predict.main([f"--train_args_path={memorized['train_args']}", "--max_new_tokens=16"])
+    predictions = predict.main(
+        [f"--train_args_path={memorized['train_args']}", "--max_new_tokens=16", "--constrained=false"]
+    )
     out = capsys.readouterr().out
     model, tokenizer = memorized_model
     prompts = [build_prompt(e["instruct"], e["query"]) for e in predict.EXAMPLES]
