@@ -269,7 +269,7 @@ def test_both_hosts_killed_mid_run_resume(hosts, one_host_two_processes, tiny_al
     save_dir = tmp_path / "run"
     argv = train_argv(tiny_alpaca, rows12, save_dir)
     procs = [proc for proc, _ in start_on_two_hosts(hosts, tmp_path, "deepspeed", "train_deepspeed", argv)]
-    state_file = save_dir / "adapter_model" / "trainer_state.json"
+    state_file = save_dir / "adapter_model" / "resume_state.json"
     deadline = time.time() + RUN_TIMEOUT
     while not state_file.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
         time.sleep(0.1)
