@@ -20,14 +20,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from config_utils import convert_value
+from config_utils import answer_help_first, convert_value
 from dataset import DataError, build_prompt
 from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args, ner_answers, ner_prompt
 from io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
-from model_files import input_files
-from model_utils import generate_answers
 
 CHAT_DECODING = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.3, "max_new_tokens": 400}
 NER_DECODING = {  # test.py's: greedy, no penalty (answers repeat their type names on every line)
@@ -44,6 +40,10 @@ BANNER = (
     + "\n+ This mode only supports single-turn QA.\n"
     "+ If you want to experience multi-turn dialogue, please use llama.cpp or llamachat.\n" + "=" * 85
 )
+
+
+def parse_bool(text: str) -> bool:
+    return convert_value("--constrained", text, True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,8 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_bool(text: str) -> bool:
-    return convert_value("--constrained", text, True)
+if __name__ == "__main__":  # answer --help before torch and transformers load (seconds)
+    answer_help_first(parse_args)
+
+import torch
+
+from model_files import input_files
+from model_utils import generate_answers
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ import difflib
 import json
 import sys
 import tokenize
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,16 @@ def key_comments(*sources: str | Path) -> dict[str, str]:
             if token.type == tokenize.COMMENT and token.start[0] in key_of_line:
                 comments[str(key_of_line[token.start[0]])] = token.string.lstrip("#").strip()
     return comments
+
+
+def answer_help_first(parse: Callable[[], Any]) -> None:
+    """Call `parse` (which prints the options and exits) when the command line asks for help.
+
+    A script calls this before importing torch and transformers, which take seconds to load,
+    so that `--help` answers at once.
+    """
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        parse()
 
 
 class ConfigParser:

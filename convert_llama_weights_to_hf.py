@@ -15,10 +15,31 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from config_utils import answer_help_first
 from io_utils import atomic_dir, read_json_object, run_cli
+
+MODEL_SIZES = ["7B", "13B", "30B", "33B", "65B", "tokenizer_only"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help="holds tokenizer.model and <model_size>/")
+    parser.add_argument("--model_size", required=True, choices=MODEL_SIZES)
+    parser.add_argument("--output_dir", required=True, help="new Hugging Face model directory")
+    parser.add_argument("--max_position_embeddings", type=int, default=2048, help="LLaMA 1 was trained on 2048")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard")
+    parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer --help before torch loads (seconds)
+    answer_help_first(parse_args)
+
+import torch
+
 from llama_layout import (
     expected_shapes,
     hf_sort_key,
@@ -38,20 +59,6 @@ from tensor_io import (
     plan_shards,
     print_summary,
 )
-
-MODEL_SIZES = ["7B", "13B", "30B", "33B", "65B", "tokenizer_only"]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", required=True, help="holds tokenizer.model and <model_size>/")
-    parser.add_argument("--model_size", required=True, choices=MODEL_SIZES)
-    parser.add_argument("--output_dir", required=True, help="new Hugging Face model directory")
-    parser.add_argument("--max_position_embeddings", type=int, default=2048, help="LLaMA 1 was trained on 2048")
-    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard")
-    parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-    return parser.parse_args(argv)
 
 
 def find_tokenizer(input_dir: Path, weights_dir: Path) -> Path:

@@ -17,21 +17,27 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config_utils import answer_help_first
 from io_utils import check_output_file, read_json_object, run_cli
-from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
-from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from model_files import hf_weight_files, input_files
-from model_utils import ModelLoadError, load_tokenizer
-from tensor_io import TensorSource, print_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="Hugging Face LlamaForCausalLM directory")
-    parser.add_argument("--output", default=None, help=f"the .gguf to write (default MODEL_DIR/{GGUF_FILE_NAME})")
+    parser.add_argument("--output", default=None, help="the .gguf to write (default MODEL_DIR/ggml-model-f16.gguf)")
     parser.add_argument("--tokenizer_dir", default=None, help="tokenizer.model folder (default: --model_dir)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer --help before torch and numpy load (seconds)
+    answer_help_first(parse_args)
+
+from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
+from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
+from model_files import hf_weight_files, input_files
+from model_utils import ModelLoadError, load_tokenizer
+from tensor_io import TensorSource, print_summary
 
 
 def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:

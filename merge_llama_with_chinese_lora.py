@@ -24,10 +24,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from config_utils import answer_help_first
 from io_utils import atomic_dir, atomic_write_text, read_json_object, run_cli
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_model", required=True, help="Hugging Face LLaMA directory")
+    parser.add_argument("--lora_model", required=True, help="LoRA folder(s), comma-separated, in order")
+    parser.add_argument("--output_type", default="pth", choices=["pth", "huggingface", "gguf"], help="output format")
+    parser.add_argument("--output_dir", required=True, help="new directory for the merged model")
+    parser.add_argument("--offload_dir", default=None, help="accepted for compatibility; not needed (streaming)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (huggingface output)")
+    parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer --help before torch loads (seconds)
+    answer_help_first(parse_args)
+
+import torch
+
 from llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_layout import (
     IGNORED_HF_SUFFIXES,
@@ -52,23 +76,6 @@ from tensor_io import (
     plan_shards,
     print_summary,
 )
-
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_model", required=True, help="Hugging Face LLaMA directory")
-    parser.add_argument("--lora_model", required=True, help="LoRA folder(s), comma-separated, in order")
-    parser.add_argument("--output_type", default="pth", choices=["pth", "huggingface", "gguf"], help="output format")
-    parser.add_argument("--output_dir", required=True, help="new directory for the merged model")
-    parser.add_argument("--offload_dir", default=None, help="accepted for compatibility; not needed (streaming)")
-    parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (huggingface output)")
-    parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-    parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
-    return parser.parse_args(argv)
 
 
 @dataclass

@@ -64,11 +64,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
+    args = parse_args(argv)
+    import uvicorn  # FastAPI, torch and transformers: after the command line is read
 
     from http_api import create_app
 
-    args = parse_args(argv)
     args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
     sock = bind(args.host, args.port)
     model, tokenizer = load_from_args(args)

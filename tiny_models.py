@@ -21,7 +21,7 @@ from io_utils import atomic_dir
 from llama_layout import expected_shapes, params_to_config, shard_pieces
 from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
 from tensor_io import TensorInfo, TorchZipWriter
-from train_utils import LORA_TARGETS
+from train_config import LORA_TARGETS
 
 HUB = Path(__file__).resolve().parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"

@@ -15,15 +15,20 @@ import math
 import time
 from pathlib import Path
 
+from config_utils import Config, ConfigError, answer_help_first
+from dataset import IGNORE_INDEX
+from io_utils import run_cli
+from train_config import TRAIN_DEFAULTS, parse_train_args
+
+DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
+if __name__ == "__main__":  # answer --help before torch and DeepSpeed load (seconds)
+    answer_help_first(lambda: parse_train_args(DEFAULTS, __doc__, source=__file__))
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from config_utils import Config, ConfigError
-from dataset import IGNORE_INDEX
-from io_utils import run_cli
 from train_utils import (
-    TRAIN_DEFAULTS,
     TrainCollate,
     build_model,
     causal_lm_loss,
@@ -34,7 +39,6 @@ from train_utils import (
     is_main_process,
     load_state,
     load_train_tokenizer,
-    parse_train_args,
     print_run_config,
     rank,
     read_deepspeed_json,
@@ -46,7 +50,6 @@ from train_utils import (
     world_size,
 )
 
-DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
 
 

@@ -15,13 +15,18 @@ import os
 import time
 from pathlib import Path
 
+from config_utils import Config, answer_help_first
+from io_utils import run_cli
+from train_config import TRAIN_DEFAULTS, parse_train_args
+
+DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_trainer/"}  # adapter: save_dir/adapter_model
+if __name__ == "__main__":  # answer --help before torch and transformers load (seconds)
+    answer_help_first(lambda: parse_train_args(DEFAULTS, __doc__, source=__file__))
+
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from config_utils import Config
-from io_utils import run_cli
 from train_utils import (
-    TRAIN_DEFAULTS,
     TrainCollate,
     build_model,
     causal_lm_loss,
@@ -32,7 +37,6 @@ from train_utils import (
     is_main_process,
     load_state,
     load_train_tokenizer,
-    parse_train_args,
     print_run_config,
     read_deepspeed_json,
     resolve_precision,
@@ -40,8 +44,6 @@ from train_utils import (
     run_summary,
     save_adapter,
 )
-
-DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_trainer/"}  # adapter: save_dir/adapter_model
 
 
 class LoraTrainer(Trainer):

@@ -1,4 +1,5 @@
-"""What train_trainer.py and train_deepspeed.py share: config, checks, model, batches, loss, saving.
+"""What train_trainer.py and train_deepspeed.py share once torch is loaded: checks, model, batches,
+loss, processes, saving. Their config (TRAIN_DEFAULTS, parse_train_args) is train_config.py.
 
     args = parse_train_args({**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/x/"}, __doc__)
     rows = check_inputs(args)                       # every user error, before any model is loaded
@@ -27,12 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from config_utils import Config, ConfigError, ConfigParser, load_config, print_config, require, save_config
+from config_utils import Config, ConfigError, load_config, print_config, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from io_utils import UserError, atomic_dir, check_output_dir_path
 from model_files import check_model_files
 from model_utils import (
-    QUANTIZATION_BITS,
     adapter_weights_file,
     check_adapter_fits,
     check_model_dir,
@@ -41,84 +41,15 @@ from model_utils import (
     match_vocab,
     pretrained_kwargs,
 )
+from train_config import TRAIN_DEFAULTS
 
-LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
 STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
 # a resumed run must agree with the saved one on these (model, data, batch settings, process count)
 SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
 SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "data_name": "msra",  # dataset name; test.py/predict.py read it from train_args.json
-    "model_dir": "./model_hub/chinese-alpaca-7b",  # merged Hugging Face model to tune
-    "peft_path": "",  # continue training this LoRA (e.g. chinese-alpaca-lora-7b) instead of a new one
-    "lora_r": 8,  # LoRA rank
-    "lora_alpha": 32,  # LoRA scale numerator (scale = lora_alpha / lora_r)
-    "lora_dropout": 0.1,  # dropout on the LoRA input
-    "lora_target_modules": LORA_TARGETS,  # projections that get a LoRA; q_proj,v_proj also works
-    "max_seq_length": 128 + 64,  # prompt + answer tokens; long queries are cut, answers kept whole
-    "pad_to_multiple_of": 1,  # pad each batch to a multiple of this (8 suits fp16 tensor cores); 1 = its longest row
-    "instruct_column": "instruct",  # instruction column of the data
-    "query_column": "query",  # query column (optional per row)
-    "response_column": "answer",  # answer column
-    "train_path": "data/msra/instruct_data/train.txt",  # training data, JSON lines
-    "dev_path": "data/msra/instruct_data/dev.txt",  # dev data for the dev loss; "" for none
-    "dev_max_rows": 256,  # dev rows used for the dev loss (0: all)
-    "train_batch_size": 12,  # batch per process (DeepSpeed's train_micro_batch_size_per_gpu)
-    "eval_batch_size": 12,  # dev batch per process
-    "gradient_accumulation_steps": 1,  # micro-batches per optimizer step
-    "num_train_epochs": 1,  # passes over the training data
-    "learning_rate": None,  # peak learning rate; None: deepspeed.json's optimizer lr (1e-5)
-    "warmup_ratio": 0.0,  # share of the steps spent warming the learning rate up from 0
-    "max_grad_norm": 1.0,  # gradient clipping (DeepSpeed's gradient_clipping)
-    "zero_stage": -1,  # ZeRO stage 0-3; -1: deepspeed.json's (1)
-    "deepspeed_json_path": "deepspeed.json",  # DeepSpeed config; batch/lr/clip/precision filled from here
-    "gradient_checkpointing": False,  # recompute activations in backward: less memory, ~30% slower
-    "quantization_bit": 0,  # 0: base in the training dtype; 4: NF4 base (QLoRA), 8: LLM.int8 base (bitsandbytes)
-    "log_steps": 10,  # print the mean loss every N optimizer steps
-    "save_steps": 50,  # save the adapter (and the resume state) every N optimizer steps
-    "eval_steps": 50,  # dev loss every N optimizer steps (0: only at the end)
-    "seed": 42,  # data order, LoRA init, dropout
-    "resume": False,  # continue from save_dir's last save instead of starting over
-    "ddp_timeout": 300,  # seconds a process waits for the others (joining, then each exchange) before failing
-    "local_rank": -1,  # set by the deepspeed launcher; leave it
-}
-
-
-# ----------------------------------------------------------------------------- config and checks
-
-
-def parse_train_args(
-    defaults: dict[str, Any], description: str, argv: list[str] | None = None, source: str = ""
-) -> Config:
-    """Resolve the command line against `defaults`; values that cannot be right fail here.
-
-    `source`: the calling script's file; --help shows the comments of its defaults and of TRAIN_DEFAULTS.
-    """
-    args = ConfigParser(defaults, description, [__file__, source] if source else [__file__]).parse_main(argv)
-    positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
-    positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps", "ddp_timeout")
-    require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
-    if not 0 <= args.lora_dropout < 1:
-        raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ConfigError(f"warmup_ratio={args.warmup_ratio} must be in [0, 1)")
-    if args.quantization_bit not in QUANTIZATION_BITS:
-        raise ConfigError(f"quantization_bit={args.quantization_bit} must be 0 (none), 4 (NF4, QLoRA) or 8 (LLM.int8)")
-    if args.zero_stage not in (-1, 0, 1, 2, 3):
-        raise ConfigError(f"zero_stage={args.zero_stage} must be 0, 1, 2, 3 or -1 (deepspeed.json's)")
-    if args.learning_rate is not None and (
-        isinstance(args.learning_rate, bool)
-        or not isinstance(args.learning_rate, (int, float))
-        or args.learning_rate <= 0
-    ):
-        raise ConfigError(f"learning_rate={args.learning_rate!r} must be a positive number, e.g. learning_rate=3e-4")
-    if isinstance(args.lora_target_modules, str):
-        args.lora_target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-    if not args.lora_target_modules:
-        raise ConfigError("lora_target_modules is empty: name at least one projection, e.g. q_proj,v_proj")
-    return args
+# ----------------------------------------------------------------------------- checks
 
 
 def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:

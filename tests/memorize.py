@@ -20,7 +20,8 @@ import torch
 from config_utils import Config, save_config
 from dataset import NerCollate
 from demo import MEMORIZE_OVERRIDES
-from train_utils import TRAIN_DEFAULTS, causal_lm_loss
+from train_config import TRAIN_DEFAULTS
+from train_utils import causal_lm_loss
 
 
 def train_args(base_dir: Path, save_dir: Path, dev_path: Path, rows: int, epochs: int) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def test_saved_file_is_json_with_every_key(tmp_path):
 
 
 def test_help_shows_each_keys_meaning_from_the_comment_beside_its_default(capsys):
-    from train_utils import TRAIN_DEFAULTS, parse_train_args
+    from train_config import TRAIN_DEFAULTS, parse_train_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", ["--help"], source=str(ROOT / "train_deepspeed.py"))
@@ -131,7 +131,7 @@ def test_help_shows_each_keys_meaning_from_the_comment_beside_its_default(capsys
     lines = out.splitlines()
     lora_r = next(i for i, line in enumerate(lines) if line.split()[:1] == ["lora_r"])
     assert lines[lora_r + 1].strip() == "LoRA rank" and "8 (int)" in lines[lora_r]
-    assert "recompute activations in backward" in out  # every key, from train_utils.py's dict
+    assert "recompute activations in backward" in out  # every key, from train_config.py's dict
 
 
 HELP_WITHOUT_TORCH = """
@@ -151,6 +151,13 @@ print("torch imported" if "torch" in sys.modules else "torch not imported")
         ("process.py", "dev: keep only sentences with entities"),
         ("test.py", "evaluate only the first N rows of dev_path"),
         ("predict.py", "generation stops at </s> or after this many tokens"),
+        ("train_trainer.py", "LoRA scale numerator"),
+        ("train_deepspeed.py", "adapter: save_dir/adapter_model"),
+        ("convert_llama_weights_to_hf.py", "holds tokenizer.model and <model_size>/"),
+        ("merge_llama_with_chinese_lora.py", "LoRA folder(s), comma-separated, in order"),
+        ("export_gguf.py", "the .gguf to write"),
+        ("chat_ner.py", "each input is a sentence"),
+        ("serve.py", "inputs generated together"),
     ],
 )
 def test_help_answers_before_torch_is_imported(script, meaning):

@@ -110,7 +110,8 @@ def test_truncation_ends_when_the_instruction_alone_is_too_long(tokenizer, rows)
 
 
 def test_training_config_pads_to_a_multiple(tokenizer, rows):
-    from train_utils import TRAIN_DEFAULTS, TrainCollate, parse_train_args
+    from train_config import TRAIN_DEFAULTS, parse_train_args
+    from train_utils import TrainCollate
 
     args = parse_train_args(TRAIN_DEFAULTS, "", ["pad_to_multiple_of=8", "max_seq_length=256"])
     batch = TrainCollate(args, tokenizer).collate_fn(rows)

@@ -25,15 +25,13 @@ from dataset import IGNORE_INDEX, NerCollate, load_data
 from demo import hard_train_argv
 from model_utils import load_model, load_tokenizer
 from tiny_models import make_tiny_model
+from train_config import LORA_TARGETS, TRAIN_DEFAULTS, parse_train_args
 from train_utils import (
-    LORA_TARGETS,
-    TRAIN_DEFAULTS,
     TrainCollate,
     causal_lm_loss,
     check_resume,
     deepspeed_config,
     free_port,
-    parse_train_args,
     resolve_precision,
 )
 
