@@ -6,8 +6,8 @@
 Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16 (ZeRO-1, Adam
 offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
 2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
-vocabulary; made once under .bench/qlora/). Peak RSS is the child's rusage; this parent never
-imports torch. The 7B table is arithmetic from the 7B geometry, printed with its assumptions.
+vocabulary; made once under .bench/qlora/). Peak RSS is io_utils.run_measured's; this parent
+never imports torch. The 7B table is arithmetic from the 7B geometry, printed with its assumptions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,18 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from io_utils import run_measured  # noqa: E402
+
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in GB, wall seconds) of a command run as a child of this small process."""
-    start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss * 1024 / GB, time.time() - start
+    with tempfile.TemporaryFile() as log:
+        code, wall, peak = run_measured(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        if code != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{log.read().decode()[-3000:]}")
+    return peak / GB, wall
 
 
 def inputs() -> tuple[Path, Path, Path]:

@@ -86,7 +86,7 @@ def kbit_cases(monkeypatch) -> tuple[Callable[[str], None], dict[str, tuple[list
             monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", no_kernel)
 
     return missing, {
-        "bad bits": (["quantization_bit=3"], "quantization_bit=3 must be 0 (none), 4 (NF4, QLoRA) or 8"),
+        "bad bits": (["quantization_bit=3"], "quantization_bit=3: use 0 (no quantization), 4 (NF4, QLoRA) or 8"),
         "zero3 on the command line": (["quantization_bit=4", "zero_stage=3"], "quantization_bit=4 with ZeRO-3"),
         "zero3 in deepspeed.json": (["quantization_bit=8", "zero3_json"], "quantization_bit=8 with ZeRO-3"),
         "no bitsandbytes": (["quantization_bit=4"], "needs bitsandbytes"),
