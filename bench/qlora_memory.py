@@ -6,7 +6,7 @@
 Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16 (ZeRO-1, Adam
 offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
 2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
-vocabulary; made once under .bench/qlora/). Peak RSS is io_utils.run_measured's; this parent
+vocabulary; made once under .bench/qlora/). Peak RSS is merge_memory.measure's; this parent
 never imports torch. The 7B table is arithmetic from the 7B geometry, printed with its assumptions.
 """
 
@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,20 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from io_utils import run_measured  # noqa: E402
+import merge_memory  # noqa: E402
 
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in GB, wall seconds) of a command run as a child of this small process."""
-    with tempfile.TemporaryFile() as log:
-        code, wall, peak = run_measured(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-        if code != 0:
-            log.seek(0)
-            raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{log.read().decode()[-3000:]}")
-    return peak / GB, wall
+    """(peak RSS in GB, wall seconds): merge_memory's measure (io_utils.run_measured), in GB."""
+    peak_gib, wall = merge_memory.measure(cmd)
+    return peak_gib * 1024**3 / GB, wall
 
 
 def inputs() -> tuple[Path, Path, Path]:

@@ -34,6 +34,7 @@ from test_train import (  # noqa: F401 - fixtures used by name
     ops_ready,
     rows12,
     run,
+    script_stopped_before_model,
     train_args,
 )
 from train_utils import TrainCollate, build_model, causal_lm_loss
@@ -97,13 +98,7 @@ def kbit_cases(monkeypatch) -> tuple[Callable[[str], None], dict[str, tuple[list
 @pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
 @pytest.mark.parametrize("case", KBIT_CASES)
 def test_bad_kbit_combinations_fail_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, script, case):
-    module = import_script(script)
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("got past the input checks")
-
-    monkeypatch.setattr(module, "init_distributed", must_not_run)
-    monkeypatch.setattr(module, "build_model", must_not_run)
+    module = script_stopped_before_model(script, monkeypatch)
     break_it, cases = kbit_cases(monkeypatch)
     argv, message = cases[case]
     if "zero3_json" in argv:

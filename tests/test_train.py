@@ -238,11 +238,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
-@pytest.mark.parametrize(
-    "case", ["unknown key", "missing file", "empty file", "bad JSON line", "missing column", "bad type", "no model"]
-)
-def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, script, case):
+def script_stopped_before_model(script: str, monkeypatch: pytest.MonkeyPatch):
+    """The trainer module, made to fail the test if its main() gets past the input checks."""
     module = import_script(script)
 
     def must_not_run(*args, **kwargs):
@@ -250,6 +247,15 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alp
 
     monkeypatch.setattr(module, "init_distributed", must_not_run)
     monkeypatch.setattr(module, "build_model", must_not_run)
+    return module
+
+
+@pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
+@pytest.mark.parametrize(
+    "case", ["unknown key", "missing file", "empty file", "bad JSON line", "missing column", "bad type", "no model"]
+)
+def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, script, case):
+    module = script_stopped_before_model(script, monkeypatch)
     argv, message = bad_inputs(tmp_path)[case]
     argv = [f"model_dir={tiny_alpaca}", f"save_dir={tmp_path / 'out'}", f"deepspeed_json_path={DS_JSON}", *argv]
     monkeypatch.setattr(sys, "argv", [script, *argv])
