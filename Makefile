@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/serve_throughput.py
+	$(BIN)/python bench/qlora_memory.py
 
 # 7B geometry on CPU: ~15 minutes and 60 GB of free disk; not part of `make bench`
 bench-7b: setup
