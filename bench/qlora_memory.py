@@ -6,17 +6,20 @@
 Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16 (ZeRO-1, Adam
 offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
 2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
-vocabulary; made once under .bench/qlora/). Peak RSS is merge_memory.measure's; this parent
-never imports torch. The 7B table is arithmetic from the 7B geometry, printed with its assumptions.
+vocabulary; made once under .bench/qlora/). Peak RSS is read from the child's /proc status, split
+at the end of model loading (`measure`); this parent never imports torch. The 7B table is
+arithmetic from the 7B geometry, printed with its assumptions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,16 +27,49 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import merge_memory  # noqa: E402
 
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in GB, wall seconds): merge_memory's measure (io_utils.run_measured), in GB."""
-    peak_gib, wall = merge_memory.measure(cmd)
-    return peak_gib * 1024**3 / GB, wall
+def vm_hwm(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def measure(cmd: list[str], marker: str = "trainable params:") -> tuple[float, float, float]:
+    """(peak RSS while loading, peak RSS while training, wall seconds) of one training process.
+
+    Loading reads the fp16 checkpoint through mmap, whose pages count as resident while mapped,
+    so its peak says little about training. When the child prints `marker` (the model is built),
+    its peak is recorded and reset (/proc/PID/clear_refs), then read until it exits.
+    """
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks = {"load": 0, "train": 0}
+    phase, output, lock = "load", [], threading.Lock()
+
+    def watch() -> None:  # /proc/PID/status vanishes once the child is reaped
+        while proc.poll() is None:
+            with lock, contextlib.suppress(OSError, StopIteration):
+                peaks[phase] = max(peaks[phase], vm_hwm(proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for line in proc.stdout:
+        output.append(line)
+        if phase == "load" and marker in line:
+            with lock:
+                peaks["load"] = max(peaks["load"], vm_hwm(proc.pid))
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                phase = "train"
+    proc.wait()
+    watcher.join()
+    if proc.returncode != 0 or phase == "load":
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{''.join(output)[-3000:]}")
+    return peaks["load"] / GB, peaks["train"] / GB, time.time() - start
 
 
 def inputs() -> tuple[Path, Path, Path]:
@@ -50,7 +86,7 @@ def inputs() -> tuple[Path, Path, Path]:
     return base, rows, ds_path
 
 
-def run_training(bits: int, base: Path, rows: Path, ds_path: Path) -> tuple[float, float]:
+def run_training(bits: int, base: Path, rows: Path, ds_path: Path) -> tuple[float, float, float]:
     cmd = [sys.executable, str(ROOT / "train_deepspeed.py"), f"model_dir={base}", f"train_path={rows}", "dev_path="]
     cmd += [f"save_dir={WORK / f'out-{bits}'}", "train_batch_size=1", "num_train_epochs=1", "save_steps=100000"]
     cmd += [f"quantization_bit={bits}", f"deepspeed_json_path={ds_path}", "learning_rate=1e-4"]
@@ -100,14 +136,15 @@ def main() -> None:
         results = {}
         for bits in (0, 4):
             results[bits] = run_training(bits, base, rows, ds_path)
-            print(f"quantization_bit={bits}: peak RSS {results[bits][0]:.2f} GB, {results[bits][1]:.0f} s", flush=True)
+            load, train, wall = results[bits]
+            print(f"quantization_bit={bits}: peak RSS loading {load:.2f} GB, training {train:.2f} GB, {wall:.0f} s")
         size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB
         when = f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores"
         print(f"\n{when}; base 16 x 2048 ({size:.2f} GB fp16), batch 1\n")
-        print("| base | peak RSS | wall | ratio |\n|---|---|---|---|")
-        for bits, (rss, wall) in results.items():
+        print("| base | peak RSS loading | peak RSS training | training vs bf16 | wall |\n|---|---|---|---|---|")
+        for bits, (load, train, wall) in results.items():
             name = "bf16" if bits == 0 else "4-bit NF4"
-            print(f"| {name} | {rss:.2f} GB | {wall:.0f} s | {rss / results[0][0]:.2f}x |")
+            print(f"| {name} | {load:.2f} GB | {train:.2f} GB | {train / results[0][1]:.2f}x | {wall:.0f} s |")
         print()
     print(table_7b())
 
