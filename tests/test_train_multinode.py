@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from safetensors.torch import load_file
 
 import test_train
 from conftest import ROOT
-from test_train import DS_JSON, VENV_BIN, check_adapter, deepspeed_cmd, run
+from test_train import DS_JSON, PYTHON, VENV_BIN, check_adapter, deepspeed_cmd, run
 
 deepspeed_ops = test_train.deepspeed_ops  # fixtures: DeepSpeed's op build (in the background), 12 MSRA rows
 rows12 = test_train.rows12
@@ -48,23 +49,37 @@ def remove_stale_namespaces() -> None:
             ip("netns", "del", name)
 
 
+def session_members(sid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if os.getsid(int(entry.name)) == sid:
+                    members.append(int(entry.name))
+    return members
+
+
 class TwoHosts:
-    """Two namespaces joined by a veth link: host i is namespace ns[i] at ADDRESSES[i] on interface iface[i]."""
+    """Two namespaces joined by a veth link: host i is namespace ns[i] at ADDRESSES[i].
+
+    Both ends of the link have one name, `iface` (like eth1 on every machine of a cluster): one
+    GLOO_SOCKET_IFNAME serves every host, as `mpirun -x GLOO_SOCKET_IFNAME=...` passes it.
+    """
 
     def __init__(self) -> None:
         tag = f"{os.getpid()}x{secrets.token_hex(2)}"
         self.ns = [f"{NS_PREFIX}{tag}-{i}" for i in range(2)]
-        self.iface = [f"lh{tag}{i}"[-15:] for i in range(2)]  # interface names: 15 characters at most
+        self.iface = f"lh{tag}"[-15:]  # interface names: 15 characters at most, unique per namespace
         self.procs: list[subprocess.Popen] = []
 
     def create(self) -> None:
         """Build the link; skip the test (after cleaning up) when this machine cannot."""
         steps = [("netns", "add", self.ns[0]), ("netns", "add", self.ns[1])]
-        steps.append(("link", "add", self.iface[0], "netns", self.ns[0], "type", "veth"))
-        steps[-1] += ("peer", "name", self.iface[1], "netns", self.ns[1])
+        steps.append(("link", "add", self.iface, "netns", self.ns[0], "type", "veth"))
+        steps[-1] += ("peer", "name", self.iface, "netns", self.ns[1])
         for i in range(2):
-            steps.append(("-n", self.ns[i], "addr", "add", f"{ADDRESSES[i]}/12", "dev", self.iface[i]))
-            steps.append(("-n", self.ns[i], "link", "set", self.iface[i], "up"))
+            steps.append(("-n", self.ns[i], "addr", "add", f"{ADDRESSES[i]}/12", "dev", self.iface))
+            steps.append(("-n", self.ns[i], "link", "set", self.iface, "up"))
             steps.append(("-n", self.ns[i], "link", "set", "lo", "up"))  # a new namespace's loopback is down
         for step in steps:
             proc = ip(*step)
@@ -79,22 +94,47 @@ class TwoHosts:
         """
         if disk is not None:  # `ip netns exec` gives the command its own mount namespace
             cmd = ["sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", *map(str, disk), *cmd]
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": self.iface[i]}
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": self.iface}
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns[i], *cmd],
+                self.on_host(i, cmd),
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                start_new_session=True,  # its own process group: kill() takes the launcher and its workers
+                start_new_session=True,  # its own session: kill() takes the launcher and all it started
             )
         self.procs.append(proc)
         return proc
 
+    def on_host(self, i: int, cmd: list[str]) -> list[str]:
+        """`cmd` on host i: in its network namespace, under its own hostname like a machine (DeepSpeed
+        under mpirun counts a machine's processes by hostname)."""
+        hostname = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.ns[i]]
+        return ["ip", "netns", "exec", self.ns[i], *hostname, *cmd]
+
+    def write_rsh_agent(self, path: Path) -> Path:
+        """Open MPI's stand-in for ssh (`--mca plm_rsh_agent path`): `path HOST COMMAND...` runs the
+        command on that host with an empty environment, as ssh would: only what mpirun passes with -x
+        gets there."""
+        env = 'env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME="$HOME"'
+        cases = [
+            f'  {a}) shift; exec {env} {shlex.join(self.on_host(i, ["sh", "-c"]))} "$*" ;;\n'
+            for i, a in enumerate(ADDRESSES)
+        ]
+        path.write_text(
+            f'#!/bin/sh\ncase "$1" in\n{"".join(cases)}  *) echo "no such host: $1" >&2; exit 255 ;;\nesac\n'
+        )
+        path.chmod(0o755)
+        return path
+
     def kill(self, proc: subprocess.Popen) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        """SIGKILL everything in the launcher's session (mpirun puts its daemons and ranks in process
+        groups of their own); a few passes, for what was forked meanwhile."""
+        for _ in range(3):
+            for pid in session_members(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         proc.wait()
 
     def delete(self) -> None:
@@ -305,3 +345,32 @@ def test_a_host_that_cannot_join_fails_within_ddp_timeout(hosts, ops_built, tiny
     assert "MASTER_ADDR:MASTER_PORT=10.213.7.3:" in results[0][1]
     assert elapsed < 240, f"took {elapsed:.0f}s to give up with ddp_timeout=10"
     assert not (tmp_path / "run" / "adapter_model").exists()
+
+
+@pytest.mark.slow
+def test_mpirun_on_host_0_starts_host_1_and_trains_the_adapter_of_one_host(
+    hosts, one_host_two_processes, tiny_alpaca, rows12, tmp_path
+):
+    """Launch d): one mpirun on host 0; Open MPI starts host 1's process through its rsh agent.
+
+    The agent (the test's ssh) only runs Open MPI's own command (orted) in host 1's namespace with an
+    empty environment; orted, mpi4py, DeepSpeed's MPI discovery and gloo over the link are real.
+    """
+    save_dir = tmp_path / "run"
+    cmd = ["mpirun", "--allow-run-as-root", "-np", "2", "--host", ",".join(f"{a}:1" for a in ADDRESSES)]
+    cmd += ["--mca", "plm_rsh_agent", str(hosts.write_rsh_agent(tmp_path / "rsh_agent"))]
+    cmd += ["-x", f"MASTER_PORT={next(PORTS)}", "-x", f"GLOO_SOCKET_IFNAME={hosts.iface}"]
+    # torch's threads of the reference's processes (under mpirun torch starts 1, bound to 1 core): sums in fp32
+    # round the same only on the same number of threads
+    cmd += ["--bind-to", "none", "-x", f"OMP_NUM_THREADS={torch.get_num_threads()}"]
+    if "TORCH_EXTENSIONS_DIR" in os.environ:  # host 1 loads the ops that ops_built built, not another copy
+        cmd += ["-x", "TORCH_EXTENSIONS_DIR"]
+    where = 'hostname -I > "$0/rank$OMPI_COMM_WORLD_RANK.address" && exec "$@"'  # each rank's host address
+    cmd += ["sh", "-c", where, str(tmp_path), PYTHON, "train_deepspeed.py", *train_argv(tiny_alpaca, rows12, save_dir)]
+    log = tmp_path / "mpirun.log"
+    out = assert_ok(wait_all(hosts, [(hosts.start(0, cmd, log), log)]))
+    assert "done: 12 steps" in out
+    assert [(tmp_path / f"rank{r}.address").read_text().split() for r in range(2)] == [[a] for a in ADDRESSES]
+    adapter = save_dir / "adapter_model"
+    check_adapter(adapter, tiny_alpaca)
+    assert_same_adapter(adapter, one_host_two_processes("train_deepspeed"))
