@@ -7,7 +7,8 @@ Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16
 offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
 2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
 vocabulary; made once under .bench/qlora/). Peak RSS is read from the child's /proc status, split
-at the end of model loading (`measure`); this parent never imports torch. The 7B table is
+at the end of model loading (`measure`); a process that only imports the libraries gives the
+part that does not scale with the model. This parent never imports torch. The 7B table is
 arithmetic from the 7B geometry, printed with its assumptions.
 """
 
@@ -93,6 +94,14 @@ def run_training(bits: int, base: Path, rows: Path, ds_path: Path) -> tuple[floa
     return measure(cmd)
 
 
+def libraries_only() -> float:
+    """Peak RSS of a process that only imports what training imports (no model): the part of
+    each training peak that does not scale with the model."""
+    code = "import torch, transformers, peft, deepspeed, bitsandbytes, train_utils; print('trainable params: 0')"
+    load, _, _ = measure([sys.executable, "-c", code])
+    return load
+
+
 # ----------------------------------------------------------------------------- computed 7B table
 
 HIDDEN, INTER, LAYERS, VOCAB, RANK = 4096, 11008, 32, 49954, 8
@@ -138,13 +147,16 @@ def main() -> None:
             results[bits] = run_training(bits, base, rows, ds_path)
             load, train, wall = results[bits]
             print(f"quantization_bit={bits}: peak RSS loading {load:.2f} GB, training {train:.2f} GB, {wall:.0f} s")
+        libs = libraries_only()
         size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB
         when = f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores"
-        print(f"\n{when}; base 16 x 2048 ({size:.2f} GB fp16), batch 1\n")
-        print("| base | peak RSS loading | peak RSS training | training vs bf16 | wall |\n|---|---|---|---|---|")
+        print(f"\n{when}; base 16 x 2048 ({size:.2f} GB fp16), batch 1; libraries alone {libs:.2f} GB\n")
+        print("| base | peak RSS loading | peak RSS training | training minus libraries | vs bf16 | wall |")
+        print("|---|---|---|---|---|---|")
         for bits, (load, train, wall) in results.items():
             name = "bf16" if bits == 0 else "4-bit NF4"
-            print(f"| {name} | {load:.2f} GB | {train:.2f} GB | {train / results[0][1]:.2f}x | {wall:.0f} s |")
+            ratio = (train - libs) / (results[0][1] - libs)
+            print(f"| {name} | {load:.2f} GB | {train:.2f} GB | {train - libs:.2f} GB | {ratio:.2f}x | {wall:.0f} s |")
         print()
     print(table_7b())
 
