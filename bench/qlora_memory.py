@@ -49,8 +49,8 @@ def measure(cmd: list[str], marker: str = "trainable params:") -> tuple[float, f
     start = time.time()
     # glibc keeps freed heap chunks (below its mmap threshold) for reuse: loading a 4-bit model frees
     # every 16-bit projection after quantizing it, and ~0.7 GB of that would stay resident. With a
-    # fixed 64 KB threshold, tensors are mmap'd and freed back to the system, so RSS follows them.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # fixed 4 MB threshold, big tensors are mmap'd and freed back to the system, so RSS follows them.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peaks = {"load": 0, "train": 0}
     phase, output, lock = "load", [], threading.Lock()
