@@ -196,3 +196,20 @@ def test_qlora_adapter_merges_into_the_fp16_base_like_any_lora(memorized_4bit, t
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     torch.testing.assert_close(merged, reference, rtol=0, atol=2e-2)  # fp16 rounding of the merged weights
     assert (merged - base).abs().max() > 0.1
+
+
+# ----------------------------------------------------------------------------- memory benchmark
+
+
+def test_peak_memory_is_split_where_the_model_is_built():
+    """bench/qlora_memory.py's measure (io_utils.run_measured_phases): a 300 MB peak before the marker,
+    freed, stays out of the after-marker peak, which still sees the 100 MB allocated after it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import qlora_memory
+
+    mb = 2**20
+    code = f"a = b'x' * {300 * mb}; del a; print('trainable params: 0', flush=True); b = b'y' * {100 * mb}"
+    load, train, _ = qlora_memory.measure([sys.executable, "-c", code])
+    assert load * 1e9 >= 300 * mb and 100 * mb <= train * 1e9 < 300 * mb, (load, train)
+    with pytest.raises(SystemExit, match="failed"):  # the marker never came
+        qlora_memory.measure([sys.executable, "-c", "print('no marker')"])
