@@ -462,14 +462,14 @@ def check_resume(state: dict[str, Any], args: Config) -> None:
     saved = {**state["train_args"], "world_size": state["world_size"]}
     now = {**args.to_dict(), "world_size": world_size()}
     for key in SAME_FOR_RESUME:
-        if saved.get(key) != now.get(key):
-            fix = f"pass {key}={saved.get(key)}"
+        if key in saved and saved[key] != now.get(key):  # a state saved by an older version may lack a key
+            fix = f"pass {key}={saved[key]}"
             if key == "world_size":
                 fix = f"start {saved[key]} processes"
             elif key == "precision":  # not a key: resolved from deepspeed.json's fp16/bf16 sections
                 fix = f"train in {saved[key]} again ({args.deepspeed_json_path}'s fp16/bf16 sections)"
             raise ConfigError(
-                f"resume: {key} was {saved.get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"resume: {key} was {saved[key]!r} in the saved run, now {now.get(key)!r}; "
                 f"{fix} or start over with resume=false"
             )
 
