@@ -5,6 +5,7 @@ peak memory.
     run_cli(main)                                  # a UserError prints one line, exit code 2
     with atomic_dir("out/model") as tmp: ...       # out/model appears only once complete
     code, seconds, peak_bytes = run_measured([sys.executable, "merge_llama_with_chinese_lora.py", ...])
+    code, seconds, (load_peak, train_peak), out = run_measured_phases(cmd, "trainable params:")
 
 Every output is written under a temporary name beside its destination and renamed into
 place once complete, so an interrupted run never leaves a file that looks finished; a
@@ -257,3 +258,44 @@ def run_measured(cmd: list[str], **popen_kwargs: Any) -> tuple[int, float, int]:
         time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - start, max(tree_peak, usage.ru_maxrss * 1024)
+
+
+def run_measured_phases(cmd: list[str], marker: str, **popen_kwargs: Any) -> tuple[int, float, list[int], str]:
+    """`run_measured` split in two at a line of the command's output: (exit code, wall seconds,
+    [peak resident bytes until the first line containing `marker`, peak after it], its output).
+
+    For one process (not a launcher's tree) whose first phase inflates the peak, e.g. a model read
+    through mmap. The peak is the child's VmHWM (/proc/PID/status, Linux), sampled every 50 ms;
+    at the marker it is recorded and reset to the current resident size (/proc/PID/clear_refs),
+    so the second figure is the second phase's own peak (0 if the marker never came).
+    """
+    import threading
+
+    def vm_hwm(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+    start = time.perf_counter()
+    popen_kwargs |= {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    proc = subprocess.Popen(cmd, **popen_kwargs)
+    peaks, phase, output, lock = [0, 0], 0, [], threading.Lock()
+
+    def watch() -> None:
+        while proc.poll() is None:
+            with lock, contextlib.suppress(OSError, StopIteration):  # /proc/PID goes once the child is reaped
+                peaks[phase] = max(peaks[phase], vm_hwm(proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for line in proc.stdout:
+        output.append(line)
+        if phase == 0 and marker in line:
+            with lock:
+                with contextlib.suppress(OSError, StopIteration):
+                    peaks[0] = max(peaks[0], vm_hwm(proc.pid))
+                    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                phase = 1
+    proc.wait()
+    watcher.join()
+    return proc.returncode, time.perf_counter() - start, peaks, "".join(output)

@@ -33,11 +33,9 @@ from train_utils import (
     build_model,
     causal_lm_loss,
     check_inputs,
-    check_resume,
     deepspeed_config,
     init_distributed,
     is_main_process,
-    load_state,
     load_train_tokenizer,
     print_run_config,
     rank,
@@ -47,6 +45,7 @@ from train_utils import (
     resume_state,
     run_summary,
     save_adapter,
+    state_to_resume,
     world_size,
 )
 
@@ -139,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}; lower it or train longer"
         )
 
-    state = load_state(args.save_dir) if args.resume else None
-    if state is not None:
-        check_resume(state, args)  # before the model loads
-    elif args.resume and is_main_process():
-        print(f"resume: nothing saved in {args.save_dir} yet; starting from step 0")
+    state = state_to_resume(args)  # checked before the model loads
     model = build_model(args, tokenizer, precision)
     ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
     args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
@@ -155,8 +150,6 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(args.save_dir) / state["checkpoint"]
         engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
         global_step = state["global_step"]
-        if is_main_process():
-            print(f"resumed from {args.save_dir} at step {global_step}/{total_steps}")
 
     done_batches = global_step * args.gradient_accumulation_steps  # batches already trained on
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main_process())

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from config_utils import Config, answer_help_first
+from config_utils import Config, ConfigError, answer_help_first
 from io_utils import run_cli
 from train_config import TRAIN_DEFAULTS, parse_train_args
 
@@ -27,15 +27,15 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from train_utils import (
+    ADAPTER_DIR,
+    STATE_FILE,
     TrainCollate,
     build_model,
     causal_lm_loss,
     check_inputs,
-    check_resume,
     deepspeed_config,
     init_distributed,
     is_main_process,
-    load_state,
     load_train_tokenizer,
     print_run_config,
     read_deepspeed_json,
@@ -43,6 +43,7 @@ from train_utils import (
     resume_state,
     run_summary,
     save_adapter,
+    state_to_resume,
 )
 
 
@@ -131,6 +132,18 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def checkpoint_to_resume(save_dir: str | Path) -> str:
+    """The Trainer's newest finished checkpoint-N beside a saved resume state (it holds the optimizer,
+    scheduler and data position); none is an error, not a silent restart."""
+    checkpoint = last_checkpoint(save_dir)
+    if checkpoint is None:
+        raise ConfigError(
+            f"resume: {Path(save_dir) / ADAPTER_DIR / STATE_FILE} was saved, but {save_dir} holds no finished "
+            "checkpoint-N (the Trainer's optimizer state) to continue from; start over with resume=false"
+        )
+    return checkpoint
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
@@ -143,12 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     training_args = training_arguments(args, ds, precision, evaluate=bool(dev_rows))
     _ = training_args.device  # sets up accelerate's process state
     count_cpu_processes(training_args)
-    resume_from = last_checkpoint(args.save_dir) if args.resume else None
-    state = load_state(args.save_dir) if resume_from else None
-    if state is not None:
-        check_resume(state, args)  # before the model loads
-    if args.resume and is_main_process():
-        print(f"resuming from {resume_from}" if resume_from else f"resume: no checkpoint in {args.save_dir} yet")
+    state = state_to_resume(args)  # checked before the model loads
+    resume_from = checkpoint_to_resume(args.save_dir) if state is not None else None
 
     tokenizer = load_train_tokenizer(args)
     model = build_model(args, tokenizer, precision)

@@ -9,10 +9,11 @@ loss, processes, saving. Their config (TRAIN_DEFAULTS, parse_train_args) is trai
 Each trainer keeps its own loop; this module holds what both need once, including the resume
 contract: both save save_dir/adapter_model/ with the adapter, train_args.json and STATE_FILE
 (`resume_state`: step, total steps, process count, resolved config, optimizer checkpoint), both
-refuse a resume whose SAME_FOR_RESUME keys differ (`check_resume`), and both end with `run_summary`. Batches are
-padded to their own length and left-aligned, so every answer token sits in the last few
-positions and the LM head runs only there (`logits_to_keep`): on LLaMA's 49954-token
-vocabulary the head is most of a small model's compute and most of a big one's memory.
+read it back with `state_to_resume`, which refuses a resume whose SAME_FOR_RESUME keys differ,
+and both end with `run_summary`. Batches are padded to their own length and left-aligned, so
+every answer token sits in the last few positions and the LM head runs only there
+(`logits_to_keep`): on LLaMA's 49954-token vocabulary the head is most of a small model's
+compute and most of a big one's memory.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and tr
 STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
 # a resumed run must agree with the saved one on these (model, data, batch settings, process count)
 SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
-SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "world_size")
+SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "quantization_bit", "precision")
+SAME_FOR_RESUME += ("world_size",)
 
 # ----------------------------------------------------------------------------- checks
 
@@ -139,19 +141,24 @@ def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
 def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> str:
     """'fp16', 'bf16' or 'fp32' from deepspeed.json's fp16/bf16 sections; fp16 needs CUDA.
 
-    bf16 on hardware without it (a pre-Ampere GPU) is a ConfigError, raised before any model loads.
+    bf16 on hardware without it (a pre-Ampere GPU, a CPU torch has no bf16 kernels for) is a
+    ConfigError, raised before any model loads, whose advice fits the device.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fp16 = ds_config.get("fp16", {}).get("enabled", False)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     if bf16 is True:
-        if not bf16_supported(cuda):
-            device = f"this GPU ({torch.cuda.get_device_name()})" if cuda else "this CPU"
+        if bf16_supported(cuda):
+            return "bf16"
+        if cuda:
             raise ConfigError(
-                f"deepspeed.json enables bf16, but {device} cannot train in bf16 (GPUs need Ampere or newer): "
-                'set "bf16": {"enabled": false} and "fp16": {"enabled": true} instead'
+                f"deepspeed.json enables bf16, but this GPU ({torch.cuda.get_device_name()}) cannot train in bf16 "
+                '(GPUs need Ampere or newer): set "bf16": {"enabled": false} and "fp16": {"enabled": true} instead'
             )
-        return "bf16"
+        raise ConfigError(
+            "deepspeed.json enables bf16, but torch cannot compute in bf16 on this CPU: set "
+            '"bf16": {"enabled": false} to train in fp32 (fp16 needs a CUDA GPU)'
+        )
     if fp16 in (True, "auto"):
         if cuda:
             return "fp16"
@@ -433,15 +440,36 @@ def load_state(save_dir: str | Path) -> dict[str, Any] | None:
     return load_config(path, fix="start over with resume=false")
 
 
+def state_to_resume(args: Config) -> dict[str, Any] | None:
+    """resume=true: the state saved beside the adapter, checked against `args` (call before the model
+    loads); None (with a note when resume=true) when the run starts from step 0."""
+    if not args.resume:
+        return None
+    state = load_state(args.save_dir)
+    if state is None:
+        if is_main_process():
+            print(f"resume: nothing saved in {Path(args.save_dir) / ADAPTER_DIR} yet; starting from step 0")
+        return None
+    check_resume(state, args)
+    if is_main_process():
+        print(f"resuming from {args.save_dir} at step {state['global_step']}/{state['total_steps']}")
+    return state
+
+
 def check_resume(state: dict[str, Any], args: Config) -> None:
-    """A resumed run must see the same model, data, batch settings and process count as the saved one."""
+    """A resumed run must see the same model, data, batch settings, quantization, precision and
+    process count as the saved one."""
     saved = {**state["train_args"], "world_size": state["world_size"]}
     now = {**args.to_dict(), "world_size": world_size()}
     for key in SAME_FOR_RESUME:
-        if saved.get(key) != now.get(key):
-            fix = f"start {saved[key]} processes" if key == "world_size" else f"pass {key}={saved.get(key)}"
+        if key in saved and saved[key] != now.get(key):  # a state saved by an older version may lack a key
+            fix = f"pass {key}={saved[key]}"
+            if key == "world_size":
+                fix = f"start {saved[key]} processes"
+            elif key == "precision":  # not a key: resolved from deepspeed.json's fp16/bf16 sections
+                fix = f"train in {saved[key]} again ({args.deepspeed_json_path}'s fp16/bf16 sections)"
             raise ConfigError(
-                f"resume: {key} was {saved.get(key)!r} in the saved run, now {now.get(key)!r}; "
+                f"resume: {key} was {saved[key]!r} in the saved run, now {now.get(key)!r}; "
                 f"{fix} or start over with resume=false"
             )
 

@@ -6,21 +6,19 @@
 Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16 (ZeRO-1, Adam
 offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
 2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
-vocabulary; made once under .bench/qlora/). Peak RSS is read from the child's /proc status, split
-at the end of model loading (`measure`); a process that only imports the libraries gives the
-part that does not scale with the model. This parent never imports torch. The 7B table is
+vocabulary; made once under .bench/qlora/). Peak RSS is the child's, split at the end of model
+loading (`measure`, io_utils.run_measured_phases); a process that only imports the libraries
+gives the part that does not scale with the model. This parent never imports torch. The 7B table is
 arithmetic from the 7B geometry, printed with its assumptions.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,53 +26,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from io_utils import run_measured_phases  # noqa: E402
 
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9
-
-
-def vm_hwm(pid: int) -> int:
-    """The process's peak resident memory so far (VmHWM), in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
 
 def measure(cmd: list[str], marker: str = "trainable params:") -> tuple[float, float, float]:
     """(peak RSS while loading, peak RSS while training, wall seconds) of one training process.
 
     Loading reads the fp16 checkpoint through mmap, whose pages count as resident while mapped,
-    so its peak says little about training. When the child prints `marker` (the model is built),
-    its peak is recorded and reset (/proc/PID/clear_refs), then read until it exits.
+    so its peak says little about training: io_utils.run_measured_phases splits the peak where
+    the child prints `marker` (the model is built).
     """
-    start = time.time()
     # glibc keeps freed heap chunks (below its mmap threshold) for reuse: loading a 4-bit model frees
     # every 16-bit projection after quantizing it, and ~0.7 GB of that would stay resident. With a
     # fixed 4 MB threshold, big tensors are mmap'd and freed back to the system, so RSS follows them.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peaks = {"load": 0, "train": 0}
-    phase, output, lock = "load", [], threading.Lock()
-
-    def watch() -> None:  # /proc/PID/status vanishes once the child is reaped
-        while proc.poll() is None:
-            with lock, contextlib.suppress(OSError, StopIteration):
-                peaks[phase] = max(peaks[phase], vm_hwm(proc.pid))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    for line in proc.stdout:
-        output.append(line)
-        if phase == "load" and marker in line:
-            with lock:
-                peaks["load"] = max(peaks["load"], vm_hwm(proc.pid))
-                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                phase = "train"
-    proc.wait()
-    watcher.join()
-    if proc.returncode != 0 or phase == "load":
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{''.join(output)[-3000:]}")
-    return peaks["load"] / GB, peaks["train"] / GB, time.time() - start
+    code, wall, (load, train), output = run_measured_phases(cmd, marker, cwd=ROOT, env=env)
+    if code != 0 or marker not in output:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{output[-3000:]}")
+    return load / GB, train / GB, wall
 
 
 def inputs() -> tuple[Path, Path, Path]:

@@ -196,3 +196,53 @@ def test_qlora_adapter_merges_into_the_fp16_base_like_any_lora(memorized_4bit, t
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     torch.testing.assert_close(merged, reference, rtol=0, atol=2e-2)  # fp16 rounding of the merged weights
     assert (merged - base).abs().max() > 0.1
+
+
+# ----------------------------------------------------------------------------- memory benchmark
+
+
+def test_peak_memory_is_split_where_the_model_is_built():
+    """bench/qlora_memory.py's measure (io_utils.run_measured_phases): a 300 MB peak before the marker,
+    freed, stays out of the after-marker peak, which still sees the 100 MB allocated after it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import qlora_memory
+
+    mb = 2**20
+    code = f"a = b'x' * {300 * mb}; del a; print('trainable params: 0', flush=True); b = b'y' * {100 * mb}"
+    load, train, _ = qlora_memory.measure([sys.executable, "-c", code])
+    assert load * 1e9 >= 300 * mb and 100 * mb <= train * 1e9 < 300 * mb, (load, train)
+    with pytest.raises(SystemExit, match="failed"):  # the marker never came
+        qlora_memory.measure([sys.executable, "-c", "print('no marker')"])
+
+
+# ----------------------------------------------------------------------------- the recommended 7B setting
+
+
+def test_4bit_with_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_alpaca):
+    """quantization_bit=4 gradient_checkpointing=true (docs/qlora.md's 16-24 GB setting) really recomputes."""
+    from test_train import collate_args, lora_grads
+
+    batch = TrainCollate(collate_args(), load_tokenizer(tiny_alpaca)).collate_fn(load_data(MSRA)[:3])
+    loss, grads, forwards = lora_grads(tiny_alpaca, batch, quantization_bit=4)
+    loss_ckpt, grads_ckpt, forwards_ckpt = lora_grads(
+        tiny_alpaca, batch, quantization_bit=4, gradient_checkpointing=True
+    )
+    assert (forwards, forwards_ckpt) == (2, 4)  # 2 layers; checkpointing runs each again in backward
+    torch.testing.assert_close(loss, loss_ckpt)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ckpt[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_qlora_trainer_two_ranks_with_gradient_checkpointing(ops_ready, tiny_alpaca, rows12, tmp_path):  # noqa: F811
+    """deepspeed --num_gpus 2 train_trainer.py quantization_bit=4 gradient_checkpointing=true (ZeRO-1, fp32 here)."""
+    save_dir = tmp_path / "run"
+    argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={save_dir}"]
+    argv += ["quantization_bit=4", "gradient_checkpointing=true", "train_batch_size=2", "learning_rate=1e-3"]
+    out = run([*deepspeed_cmd("train_trainer.py"), *argv, "lora_dropout=0", f"deepspeed_json_path={DS_JSON}"])
+    assert "done: 3 steps" in out  # 12 rows / (2 processes x 2)
+    check_qlora_run(save_dir, tiny_alpaca, "fp32")
+    recorded = json.loads((save_dir / "adapter_model" / "train_args.json").read_text("utf-8"))
+    assert recorded["gradient_checkpointing"] is True
+    assert json.loads((save_dir / "adapter_model" / "resume_state.json").read_text())["world_size"] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from train_utils import (
     deepspeed_config,
     free_port,
     resolve_precision,
+    state_to_resume,
 )
 
 # One interpreter path for every run: DeepSpeed's JIT cache is keyed on the include paths, so a
@@ -292,8 +294,40 @@ def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", [script, *argv, f"deepspeed_json_path={bf16_json}"])
     with pytest.raises(SystemExit) as err:
         module.main()
-    assert err.value.code == 2 and "cannot train in bf16" in str(err.value) and "fp16" in str(err.value)
+    assert err.value.code == 2 and "deepspeed.json enables bf16, but" in str(err.value)
+    if not torch.cuda.is_available():  # the advice for this machine: fp32, since fp16 needs CUDA
+        assert 'set "bf16": {"enabled": false} to train in fp32' in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_unsupported_advice_fits_the_device(monkeypatch):
+    import train_utils
+
+    monkeypatch.setattr(train_utils, "bf16_supported", lambda cuda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100")
+    with pytest.raises(SystemExit) as gpu:
+        resolve_precision({"bf16": {"enabled": True}}, cuda=True)
+    assert "this GPU (Tesla V100)" in str(gpu.value) and "Ampere" in str(gpu.value)
+    assert '"fp16": {"enabled": true} instead' in str(gpu.value)
+    with pytest.raises(SystemExit) as cpu:
+        resolve_precision({"bf16": {"enabled": True}}, cuda=False)
+    assert 'set "bf16": {"enabled": false} to train in fp32 (fp16 needs a CUDA GPU)' in str(cpu.value)
+    assert "Ampere" not in str(cpu.value) and '"fp16": {"enabled": true}' not in str(cpu.value)
+
+
+def test_bf16_reaches_deepspeed_and_the_trainer_alike(bf16_json):
+    """deepspeed.json's bf16 and the Trainer's flags agree (the shipped file enables fp16: it must go off);
+    without CUDA the Trainer is told it runs on the CPU, or it refuses bf16 (issue 16)."""
+    trainer = import_script("train_trainer")
+    args = train_args([f"deepspeed_json_path={DS_JSON}", "ddp_timeout=7"])
+    ds = deepspeed_config(args, "bf16")
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    training_args = trainer.training_arguments(args, ds, "bf16", evaluate=False)
+    assert training_args.bf16 and not training_args.fp16
+    assert training_args.use_cpu == (not torch.cuda.is_available())
+    assert training_args.ddp_timeout == 7
+    ds = deepspeed_config(train_args([f"deepspeed_json_path={bf16_json}"]), "fp32")
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
 def test_bad_key_is_one_line_and_exit_2():
@@ -395,12 +429,10 @@ def test_killed_run_resumes_from_its_last_save(ops_ready, tiny_alpaca, rows12, t
     assert set(saved) == {"global_step", "total_steps", "world_size", "checkpoint", "train_args"}  # both trainers
     assert (save_dir / saved["checkpoint"]).is_dir() and saved["train_args"]["save_dir"] == str(save_dir)
     out = run([*argv, "resume=true"])
+    assert f"resuming from {save_dir} at step {saved['global_step']}/24" in out  # both trainers
     if script == "train_deepspeed":
-        assert f"at step {saved['global_step']}/24" in out
         tags = [p.name for p in (save_dir / "deepspeed_checkpoint").iterdir() if p.is_dir()]
         assert tags == ["global_step24"]  # older optimizer states are removed once superseded
-    else:
-        assert f"resuming from {save_dir / 'checkpoint-'}" in out
     assert "done: 24 steps" in out
     assert json.loads(state_file.read_text())["global_step"] == 24
     check_adapter(save_dir / "adapter_model", tiny_alpaca)
@@ -413,12 +445,9 @@ def test_resume_with_other_settings_is_refused_with_one_message(ops_ready, tiny_
     save_dir = tmp_path / "run"
     argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={save_dir}"]
     argv += [f"deepspeed_json_path={DS_JSON}", "train_batch_size=2"]
-    saved = {**train_args(argv).to_dict(), "lora_r": 4}
-    state = {"global_step": 4, "total_steps": 24, "world_size": 1, "checkpoint": "checkpoint-4", "train_args": saved}
-    (save_dir / "checkpoint-4").mkdir(parents=True)
-    (save_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")  # the HF Trainer's own file
-    (save_dir / "adapter_model").mkdir()
-    (save_dir / "adapter_model" / "resume_state.json").write_text(json.dumps(state))
+    saved = {**train_args(argv).to_dict(), "lora_r": 4, "precision": "fp32"}
+    # the state file alone, no optimizer checkpoint beside it: the settings are checked first all the same
+    write_state(save_dir, {**state_of(saved, 4, 24), "checkpoint": "checkpoint-4"})
     env = {**os.environ, "MASTER_PORT": str(free_port())}
     cmd = [PYTHON, f"{script}.py", *argv, "lora_r=8", "resume=true"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
@@ -427,6 +456,93 @@ def test_resume_with_other_settings_is_refused_with_one_message(ops_ready, tiny_
     fix = "pass lora_r=4 or start over with resume=false"
     assert last == f"config error: resume: lora_r was 4 in the saved run, now 8; {fix}"
     assert "trainable params" not in proc.stdout  # refused before the model was built
+
+
+def state_of(saved_args: dict, step: int, total: int) -> dict:
+    return {"global_step": step, "total_steps": total, "world_size": 1, "checkpoint": "x", "train_args": saved_args}
+
+
+def write_state(save_dir: Path, state: dict) -> None:
+    (save_dir / "adapter_model").mkdir(parents=True)
+    (save_dir / "adapter_model" / "resume_state.json").write_text(json.dumps(state))
+
+
+def resume_args(save_dir: Path, *argv: str):
+    args = train_args([f"save_dir={save_dir}", "resume=true", *argv])
+    args.precision = "fp32"  # set by the trainers from deepspeed.json
+    return args
+
+
+@pytest.mark.parametrize(
+    "key, saved_value, message",
+    [
+        ("quantization_bit", 4, "quantization_bit was 4 in the saved run, now 0; pass quantization_bit=4 or"),
+        ("precision", "bf16", "precision was 'bf16' in the saved run, now 'fp32'; train in bf16 again"),
+        ("seed", 7, "seed was 7 in the saved run, now 42; pass seed=7 or start over with resume=false"),
+    ],
+)
+def test_resume_refuses_another_quantization_or_precision(monkeypatch, tmp_path, key, saved_value, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = resume_args(tmp_path)
+    write_state(tmp_path, state_of({**args.to_dict(), key: saved_value}, 4, 24))
+    with pytest.raises(SystemExit, match=re.escape(message)) as err:
+        state_to_resume(args)
+    assert err.value.code == 2
+
+
+def test_resume_with_the_same_settings_continues_and_without_a_state_starts_over(monkeypatch, tmp_path, capsys):
+    """The one place both trainers get their resume state from, and the one line each case prints."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = resume_args(tmp_path / "run", "quantization_bit=4")
+    assert state_to_resume(args) is None
+    assert (
+        capsys.readouterr().out
+        == f"resume: nothing saved in {tmp_path / 'run' / 'adapter_model'} yet; starting from step 0\n"
+    )
+    write_state(tmp_path / "run", state_of(args.to_dict(), 4, 24))
+    assert state_to_resume(args)["global_step"] == 4
+    assert capsys.readouterr().out == f"resuming from {tmp_path / 'run'} at step 4/24\n"
+    args.resume = False
+    assert state_to_resume(args) is None and capsys.readouterr().out == ""
+
+
+def test_trainer_refuses_a_resume_state_without_its_checkpoint(tmp_path):
+    """train_trainer.py: a resume state but no finished checkpoint-N is an error, not a silent restart."""
+    trainer = import_script("train_trainer")
+    (tmp_path / "checkpoint-8").mkdir()  # being written when the run was killed: no trainer_state.json yet
+    with pytest.raises(SystemExit, match="holds no finished checkpoint-N .* start over with resume=false"):
+        trainer.checkpoint_to_resume(tmp_path)
+    for step in (4, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert trainer.checkpoint_to_resume(tmp_path) == str(tmp_path / "checkpoint-12")
+
+
+@pytest.mark.slow  # starts each trainer (imports, input checks) once, both at a time
+def test_a_process_left_alone_fails_within_ddp_timeout_with_what_to_check(ops_ready, tiny_alpaca, rows12, tmp_path):
+    """One host, no root: the master waiting for a rank that never comes (train_trainer), and a rank
+    whose master nobody runs (train_deepspeed), each give up after ddp_timeout with the one line."""
+    started = []
+    for script, rank in (("train_trainer", 0), ("train_deepspeed", 1)):
+        port = free_port()
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env["MASTER_PORT"] = str(port)
+        argv = [f"model_dir={tiny_alpaca}", f"train_path={rows12}", "dev_path=", f"save_dir={tmp_path / script}"]
+        cmd = [PYTHON, f"{script}.py", *argv, f"deepspeed_json_path={DS_JSON}", "ddp_timeout=3"]
+        with open(tmp_path / f"{script}.log", "w") as log:  # stderr only: the one line comes last
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        started.append((script, rank, port, proc))
+    for script, rank, port, proc in started:
+        proc.wait(timeout=300)
+        err = (tmp_path / f"{script}.log").read_text()
+        assert proc.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(
+            f"error: rank {rank} of 2 could not join the other processes at "
+            f"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port} within ddp_timeout=3s ("
+        ), last
+        assert "--node_rank" in last and "GLOO_SOCKET_IFNAME" in last
+        assert not (tmp_path / script).exists()
 
 
 def test_check_resume_names_the_process_count(monkeypatch):
