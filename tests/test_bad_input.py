@@ -181,6 +181,7 @@ CASES: dict[str, Case] = {
     "export/config-incomplete": Case("export", [*EXPORT, "--model_dir", "{tiny_no_geometry}"], 2, NO_GEOMETRY),
     "export/config-other-model": Case("export", [*EXPORT, "--model_dir", "{tiny_other_config}"], 2, "implies"),
     "export/shard-lacks-tensor": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_shard}"], 2, "lacks"),
+    "export/bin-shard-lacks-tensor": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_bin_shard}"], 2, "lacks"),
     "export/sharded": Case("export", [*EXPORT, "--model_dir", "{tiny_sharded}"], 0, "exporting"),
     "export/stale-temporary": Case("export", [*EXPORT, "--output", "{stale}/x.gguf"], 0, STALE),
     # tiny_models.py
@@ -213,9 +214,9 @@ def with_config(src: Path, dst: Path, config: dict) -> Path:
     return dst
 
 
-def sharded(src: Path, dst: Path, drop: str | None = None) -> Path:
-    """src's model.safetensors as two shards and their index; `drop`: a tensor the index lists but the second
-    shard lacks (a shard of another download)."""
+def sharded(src: Path, dst: Path, drop: str | None = None, bin_format: bool = False) -> Path:
+    """src's model.safetensors as two shards (or pytorch_model-*.bin) and their index; `drop`: a tensor the
+    index lists but the second shard lacks (a shard of another download)."""
     dst.mkdir()
     for file in src.iterdir():
         if file.suffix != ".safetensors":
@@ -224,10 +225,16 @@ def sharded(src: Path, dst: Path, drop: str | None = None) -> Path:
     names = sorted(tensors)
     weight_map = {}
     for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
-        shard = f"model-{i:05d}-of-00002.safetensors"
-        save_file({n: tensors[n] for n in part if n != drop}, dst / shard, metadata={"format": "pt"})
+        shard_tensors = {n: tensors[n] for n in part if n != drop}
+        if bin_format:
+            shard = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save(shard_tensors, dst / shard)
+        else:
+            shard = f"model-{i:05d}-of-00002.safetensors"
+            save_file(shard_tensors, dst / shard, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, shard)
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = "pytorch_model.bin.index.json" if bin_format else "model.safetensors.index.json"
+    (dst / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
 
 
@@ -299,6 +306,7 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     w["tiny_more_layers"] = with_config(tiny_alpaca, root / "tiny_more_layers", {**config, "num_hidden_layers": 3})
     w["tiny_sharded"] = sharded(tiny_alpaca, root / "tiny_sharded")
     w["tiny_bad_shard"] = sharded(tiny_alpaca, root / "tiny_bad_shard", drop="model.norm.weight")
+    w["tiny_bad_bin_shard"] = sharded(tiny_alpaca, root / "tiny_bad_bin_shard", "model.norm.weight", bin_format=True)
 
     # leftovers of killed runs beside the outputs of the stale-temporary rows (outside root: those rows succeed)
     w["stale"] = tmp_path_factory.mktemp("stale_outputs")
