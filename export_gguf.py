@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import answer_help_first
-from io_utils import check_output_file, read_json_object, run_cli
+from io_utils import check_output_file, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,14 +35,14 @@ if __name__ == "__main__":  # answer --help before torch and numpy load (seconds
 
 from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
 from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from model_files import hf_weight_files, input_files
-from model_utils import ModelLoadError, load_tokenizer
+from model_files import check_model_files, input_files
+from model_utils import ModelLoadError, load_tokenizer, read_model_config
 from tensor_io import TensorSource, print_summary
 
 
 def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
-    config = read_json_object(model_dir / "config.json", "pass a Hugging Face model directory", ModelLoadError)
-    files = hf_weight_files(model_dir)
+    config = read_model_config(model_dir)
+    files = check_model_files(model_dir)  # headers only: sizes, the index, shapes against config.json
     inputs = [*input_files(model_dir), *input_files(tokenizer_dir), *files]
     check_output_file(output, "--output", inputs)  # --overwrite or not, never over a file this run reads
     if output.exists() and not overwrite:

@@ -107,7 +107,8 @@ def read_json_object(path: str | Path, fix: str = "", error: type[UserError] = U
 def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = ()) -> Path:
     """Refuse, before any work, an output file path that is a directory, lies under a file, or is an input.
 
-    `inputs` are the files the run reads (--overwrite or not, an output never replaces one).
+    `inputs` are the files the run reads (--overwrite or not, an output never replaces one). Leftovers of
+    killed runs beside it are reported here, before the work.
     """
     path = Path(path)
     if path.is_dir():
@@ -119,6 +120,7 @@ def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = ()
     for item in inputs:
         if Path(item).resolve() == out:
             raise UserError(f"{flag} {path} is the input {item}: choose another path (outputs never replace inputs)")
+    report_stale_temporaries(path)
     return path
 
 
@@ -132,13 +134,21 @@ def check_output_dir_path(path: str | Path, flag: str) -> Path:
     return path
 
 
-def report_stale_temporaries(path: Path) -> list[Path]:
+_REPORTED: set[Path] = set()  # leftovers this process has already warned about
+
+
+def report_stale_temporaries(path: str | Path) -> list[Path]:
     """Warn about `.NAME.tmp-PID` / `.NAME.old-PID` beside `path` whose process is gone (a killed run's).
 
-    They are not removed: the message gives their size and the command that deletes them.
+    They are not removed: the message gives their size and the command that deletes them. Scripts call
+    this when they check their output path, before the long work; each leftover is reported once.
     """
+    path = Path(path)
     stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*-*") if _dead_run_leftover(p, path.name)]
     for item in stale:
+        if item.resolve() in _REPORTED:
+            continue
+        _REPORTED.add(item.resolve())
         size = _size(item)
         print(
             f"warning: {item} was left by an interrupted run (process {item.name.rsplit('-', 1)[1]} is gone) "
@@ -201,8 +211,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `path` (whose old content goes)."""
-    path = Path(path)
+    """Yield a temporary directory; on success it replaces `path` (whose old content goes; a file is refused)."""
+    path = check_output_dir_path(path, "output directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     report_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

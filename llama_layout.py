@@ -174,6 +174,21 @@ def expected_shapes(params: dict, vocab: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def hf_expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face LlamaForCausalLM tensor shapes implied by config.json (lm_head included even when tied)."""
+    dim, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or dim // heads
+    q_dim, kv_dim = heads * head_dim, (config.get("num_key_value_heads") or heads) * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
+    for i in range(config["num_hidden_layers"]):
+        layer = {"self_attn.q_proj": (q_dim, dim), "self_attn.k_proj": (kv_dim, dim), "self_attn.v_proj": (kv_dim, dim)}
+        layer |= {"self_attn.o_proj": (dim, q_dim), "mlp.gate_proj": (inter, dim), "mlp.up_proj": (inter, dim)}
+        layer |= {"mlp.down_proj": (dim, inter), "input_layernorm": (dim,), "post_attention_layernorm": (dim,)}
+        shapes |= {f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()}
+    return shapes
+
+
 def rope_theta(config: dict) -> float:
     """The rotary base of an HF config (transformers 5 keeps it in rope_parameters)."""
     return float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))

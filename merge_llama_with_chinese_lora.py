@@ -65,8 +65,8 @@ from llama_layout import (
     shard_pieces,
     unpermute,
 )
-from model_files import MODEL_SIZE_BY_DIM, check_output_dir, hf_weight_files, report_checksums, tokenizer_claim
-from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, save_tokenizer
+from model_files import MODEL_SIZE_BY_DIM, check_model_files, check_output_dir, report_checksums, tokenizer_claim
+from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, read_model_config, save_tokenizer
 from tensor_io import (
     SafetensorsShards,
     TensorInfo,
@@ -313,9 +313,8 @@ def merge(args: argparse.Namespace) -> list[Path]:
         raise ModelLoadError("--lora_model is empty: pass one LoRA folder or two, comma-separated")
     parse_size(args.max_shard_size)
     check_output_dir(output_dir, [base_dir, *lora_dirs], args.overwrite)
-    fix = "--base_model must be a Hugging Face model directory"
-    base_config = read_json_object(base_dir / "config.json", fix, ModelLoadError)
-    base_files = hf_weight_files(base_dir)
+    base_config = read_model_config(base_dir)
+    base_files = check_model_files(base_dir)  # headers only: sizes, the index, shapes against config.json
     base = TensorSource(base_files, IGNORED_HF_SUFFIXES)  # each header read, sizes checked before any output
     loras = [load_lora(p) for p in lora_dirs]
     report_checksums(checksum_files(base_files, loras, base_config["hidden_size"]), args.strict)

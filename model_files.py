@@ -9,10 +9,15 @@ Shared by the converters (convert, merge, export_gguf) and, for weight files, by
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from io_utils import check_output_dir_path, read_json_object, sha256_file
-from model_utils import ModelLoadError, check_model_dir, check_weight_files
+from io_utils import check_output_dir_path, read_json_object, report_stale_temporaries, sha256_file
+from llama_layout import hf_expected_shapes
+from model_utils import ModelLoadError, read_model_config
+from tensor_io import SafetensorsFile, TorchZipFile, open_tensor_file
+
+TensorReader = SafetensorsFile | TorchZipFile
 
 # Published sha256 of the real files (Chinese-LLaMA-Alpaca's SHA256.md).
 PUBLISHED_SHA256 = {
@@ -69,8 +74,11 @@ def tokenizer_claim(pieces: int) -> str | None:
 
 
 def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output that is a file, is, contains or lies inside an input, or would replace other files."""
+    """Refuse an output that is a file, is, contains or lies inside an input, or would replace other files.
+
+    Leftovers of killed runs beside it are reported here, before minutes of hashing."""
     check_output_dir_path(output_dir, "--output_dir")
+    report_stale_temporaries(output_dir)
     out = output_dir.resolve()
     for path in inputs:
         src = path.resolve()
@@ -82,22 +90,35 @@ def check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> N
         raise ModelLoadError(f"--output_dir {output_dir} exists and is not empty: choose a new one or pass --overwrite")
 
 
+WEIGHT_INDEXES = (
+    ("model.safetensors.index.json", "*.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+)
+
+
+def weight_index_file(model_dir: Path) -> Path | None:
+    """The index of a sharded checkpoint (safetensors preferred), or None when the model is not sharded."""
+    return next((model_dir / name for name, _ in WEIGHT_INDEXES if (model_dir / name).is_file()), None)
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """tensor name -> shard file name, as the index lists them."""
+    weight_map = read_json_object(index, error=ModelLoadError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index}: no weight_map; damaged or incomplete, download it again")
+    return weight_map
+
+
 def hf_weight_files(model_dir: Path) -> list[Path]:
     """A Hugging Face model's weight files: safetensors preferred, else pytorch_model*.bin; sharded or not."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "*.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
-    ):
-        index = model_dir / index_name
-        if index.is_file():
-            weight_map = read_json_object(index, error=ModelLoadError).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelLoadError(f"{index}: no weight_map; damaged or incomplete, download it again")
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (model_dir / n).is_file()]
-            if missing:
-                raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
-            return [model_dir / n for n in names]
+    index = weight_index_file(model_dir)
+    if index is not None:
+        names = sorted(set(weight_map(index).values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{index}: lists {missing[0]} which is missing; finish the download")
+        return [model_dir / n for n in names]
+    for _, pattern in WEIGHT_INDEXES:
         files = sorted(model_dir.glob(pattern))
         if files:
             return files
@@ -105,11 +126,55 @@ def hf_weight_files(model_dir: Path) -> list[Path]:
 
 
 def check_model_files(model_dir: str | Path) -> list[Path]:
-    """A Hugging Face model directory that can load: config.json is JSON, and every weight file is there and
-    as long as its header says (a cut download is one line naming the file). Returns the weight files."""
-    files = hf_weight_files(check_model_dir(model_dir))
-    check_weight_files(files)
+    """A Hugging Face LLaMA directory that can load, from config.json and the weight files' headers alone:
+    config.json holds the geometry keys, every weight file is there and as long as its header says, each
+    shard holds the tensors the index places in it, and every tensor has the shape config.json implies
+    (a cut or mixed download is one line naming the file). Returns the weight files."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    files = hf_weight_files(model_dir)
+    headers = {file: open_tensor_file(file) for file in files}  # sizes checked against the file's
+    index = weight_index_file(model_dir)
+    if index is not None:
+        for name, shard in weight_map(index).items():
+            if name not in headers[model_dir / shard].keys():
+                raise ModelLoadError(
+                    f"{model_dir / shard}: lacks {name}, which {index.name} places in it: the shard is damaged or "
+                    "from another download; download it again"
+                )
+    check_shapes_match_config(model_dir, config, headers)
     return files
+
+
+def check_shapes_match_config(model_dir: Path, config: dict, headers: dict[Path, TensorReader]) -> None:
+    """Every LLaMA tensor is there with the shape config.json gives (lm_head may be tied), no layer beyond it."""
+    config_file = model_dir / "config.json"
+    expected = hf_expected_shapes(config)
+    found = set()
+    for file, header in headers.items():
+        for name in header.keys():
+            found.add(name)
+            shape, want = tuple(header.info(name).shape), expected.get(name)
+            if want is not None and shape != want:
+                raise ModelLoadError(
+                    f"{file}: {name} has shape {shape} but {config_file} implies {want}: the weights and config.json "
+                    "are from different models; download the model folder again"
+                )
+            layer = re.match(r"model\.layers\.(\d+)\.", name)
+            if layer and int(layer[1]) >= config["num_hidden_layers"]:
+                raise ModelLoadError(
+                    f"{file}: holds {name} but {config_file} says num_hidden_layers={config['num_hidden_layers']}: "
+                    "the weights and config.json are from different models; download the model folder again"
+                )
+    if config.get("tie_word_embeddings"):
+        found.add("lm_head.weight")
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise ModelLoadError(
+            f"{model_dir}: the weight files lack {missing[0]}"
+            + (f" and {len(missing) - 1} more" if missing[1:] else "")
+            + f", which {config_file} implies: an incomplete download or a config.json of another model"
+        )
 
 
 def input_files(folder: str | Path) -> list[Path]:

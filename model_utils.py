@@ -166,16 +166,52 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return names[dtype]
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """A Hugging Face model directory whose config.json is readable JSON."""
+# config.json keys a LLaMA needs; a missing one would make transformers fall back to 7B's default geometry
+REQUIRED_CONFIG_KEYS = {
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "vocab_size": int,
+    "rms_norm_eps": float,
+}
+OPTIONAL_CONFIG_KEYS = {"num_key_value_heads": int, "head_dim": int, "max_position_embeddings": int}
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a Hugging Face LLaMA directory: readable JSON holding the geometry keys, each a positive
+    number; anything else is one line naming the file and the key."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise ModelLoadError(
             f"{path}: no config.json; expected a Hugging Face model directory "
             "(convert with convert_llama_weights_to_hf.py, then merge_llama_with_chinese_lora.py)"
         )
-    read_json_object(path / "config.json", error=ModelLoadError)
-    return path
+    config = read_json_object(config_file, error=ModelLoadError)
+    fix = "the file is incomplete or not a LLaMA config; copy it again from where the model came from"
+    for key, kind in (REQUIRED_CONFIG_KEYS | OPTIONAL_CONFIG_KEYS).items():
+        if key not in config or (config[key] is None and key in OPTIONAL_CONFIG_KEYS):
+            if key in REQUIRED_CONFIG_KEYS:
+                raise ModelLoadError(f"{config_file}: missing key {key!r}; {fix}")
+            continue
+        value = config[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value <= 0 or (kind is int and not isinstance(value, int)):
+            raise ModelLoadError(f"{config_file}: {key} is {value!r}, expected a positive {kind.__name__}; {fix}")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv_heads or (not config.get("head_dim") and config["hidden_size"] % heads):
+        raise ModelLoadError(
+            f"{config_file}: hidden_size {config['hidden_size']}, num_attention_heads {heads} and "
+            f"num_key_value_heads {kv_heads} do not divide; {fix}"
+        )
+    return config
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory whose config.json holds a LLaMA's geometry (`read_model_config`)."""
+    read_model_config(path)
+    return Path(path)
 
 
 def check_weight_files(files: list[Path]) -> None:

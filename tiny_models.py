@@ -15,13 +15,30 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from config_utils import answer_help_first
+from io_utils import atomic_dir, check_output_dir_path, run_cli
 
-from io_utils import atomic_dir
-from llama_layout import expected_shapes, params_to_config, shard_pieces
-from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
-from tensor_io import TensorInfo, TorchZipWriter
-from train_config import LORA_TARGETS
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", required=True, help="the model folder to write (replaced when it exists)")
+    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca"])
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_hidden_layers", type=int, default=2)
+    parser.add_argument("--num_attention_heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer --help before torch loads (seconds)
+    answer_help_first(parse_args)
+
+import torch  # noqa: E402
+
+from llama_layout import expected_shapes, params_to_config, shard_pieces  # noqa: E402
+from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer  # noqa: E402
+from tensor_io import TensorInfo, TorchZipWriter  # noqa: E402
+from train_config import LORA_TARGETS  # noqa: E402
 
 HUB = Path(__file__).resolve().parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"
@@ -205,15 +222,9 @@ def make_tiny_chinese_loras(
     return llama, alpaca
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca"])
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_hidden_layers", type=int, default=2)
-    parser.add_argument("--num_attention_heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir_path(args.out_dir, "--out_dir")
     make_tiny_model(
         args.out_dir,
         args.vocab,
@@ -226,4 +237,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,7 +13,9 @@ it); SUBPROCESS_ROWS run for real, to show exit code 2 and no traceback from a f
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,11 +24,11 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, import_script
 from dataset import load_data
-from io_utils import run_cli
+from io_utils import UserError, run_cli
 from memorize import train_memorized_lora
 from tiny_models import make_tiny_chinese_loras, make_tiny_original
 
@@ -53,6 +55,7 @@ SCRIPTS = {
     "merge": "merge_llama_with_chinese_lora",
     "export": "export_gguf",
     "serve": "serve",
+    "tiny": "tiny_models",
 }
 TRAIN = ["model_dir={tiny}", "train_path={dev}", "dev_path=", "deepspeed_json_path={ds}", "save_dir={out}/run"]
 TEST = ["--train_args_path={train_args}", "--output_dir={out}", "--max_new_tokens=4"]
@@ -63,6 +66,8 @@ CONVERT = ["--input_dir", "{orig}", "--model_size", "7B", "--output_dir", "{out}
 MERGE = ["--base_model", "{tiny}", "--lora_model", "{lora}", "--output_type", "huggingface", "--output_dir", "{out}/m"]
 SERVE = ["--base_model", "{tiny}", "--only_cpu", "--port", "0"]
 EXPORT = ["--model_dir", "{tiny}", "--output", "{out}/x.gguf"]
+NO_GEOMETRY = "config.json: missing key 'hidden_size'"  # config.json is {"model_type": "llama"}
+STALE = "(process 99999999 is gone) and holds 1.5 kB"  # {stale}/.NAME.tmp-99999999 beside each output
 
 CASES: dict[str, Case] = {
     # process.py
@@ -85,6 +90,18 @@ CASES: dict[str, Case] = {
     "train_trainer/save-over-peft": Case(
         "train_trainer", [*TRAIN, "peft_path={adapter}", "save_dir={run}"], 2, "replace"
     ),
+    "train_trainer/config-incomplete": Case("train_trainer", [*TRAIN, "model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "train_trainer/config-other-model": Case("train_trainer", [*TRAIN, "model_dir={tiny_other_config}"], 2, "implies"),
+    "train_trainer/shard-lacks-tensor": Case("train_trainer", [*TRAIN, "model_dir={tiny_bad_shard}"], 2, "lacks"),
+    "train_deepspeed/eval-batch-0": Case("train_deepspeed", [*TRAIN, "eval_batch_size=0"], 2, "eval_batch_size=0"),
+    "train_deepspeed/gbk-train": Case("train_deepspeed", [*TRAIN, "train_path={dev_gbk}"], 2, "GB18030"),
+    "train_deepspeed/save-dir-is-file": Case("train_deepspeed", [*TRAIN, "save_dir={dev}"], 2, "is a file"),
+    "train_deepspeed/save-over-peft": Case(
+        "train_deepspeed", [*TRAIN, "peft_path={adapter}", "save_dir={run}"], 2, "replace"
+    ),
+    "train_deepspeed/config-incomplete": Case(
+        "train_deepspeed", [*TRAIN, "model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY
+    ),
     # test.py
     "test/eval-batch-0": Case("test", [*TEST, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
     "test/gbk-dev": Case("test", [*TEST, "--dev_path={dev_gbk}"], 2, "GB18030"),
@@ -98,11 +115,22 @@ CASES: dict[str, Case] = {
     "test/model-damaged": Case("test", [*TEST, "--model_dir={tiny_damaged}"], 2, "damaged"),
     "test/tokenizer-damaged": Case("test", [*TEST, "--tokenizer_path={tokenizer_damaged}"], 2, "damaged"),
     "test/no-room-for-input": Case("test", [*TEST, "--max_new_tokens=600", "--max_rows=1"], 2, "max_new_tokens=600"),
+    "test/broken-config": Case("test", [*TEST, "--model_dir={tiny_bad_config}"], 2, "config.json"),
+    "test/config-incomplete": Case("test", [*TEST, "--model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "test/config-other-model": Case("test", [*TEST, "--model_dir={tiny_other_config}"], 2, "implies"),
+    "test/shard-lacks-tensor": Case("test", [*TEST, "--model_dir={tiny_bad_shard}"], 2, "lacks"),
+    "test/long-input-is-cut": Case("test", [*TEST, "--dev_path={long_row}"], 0, "cut to 508 tokens"),
     # predict.py
     "predict/gbk": Case("predict", [*PREDICT, "--predict_path={text_gbk}"], 2, "GB18030"),
     "predict/eval-batch-0": Case("predict", [*PREDICT, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
     "predict/adapter-other-size": Case("predict", [*PREDICT, "--adapter_path={adapter_wide}"], 2, "(8, 128)"),
     "predict/long-input-is-cut": Case("predict", [*PREDICT, "--predict_path={long_text}"], 0, "cut to 508 tokens"),
+    "predict/model-damaged": Case("predict", [*PREDICT, "--model_dir={tiny_damaged}"], 2, "damaged"),
+    "predict/adapter-damaged": Case("predict", [*PREDICT, "--adapter_path={adapter_damaged}"], 2, "damaged"),
+    "predict/adapter-other-vocab": Case("predict", [*PREDICT, "--adapter_path={adapter_vocab}"], 2, "49953"),
+    "predict/broken-config": Case("predict", [*PREDICT, "--model_dir={tiny_bad_config}"], 2, "config.json"),
+    "predict/config-incomplete": Case("predict", [*PREDICT, "--model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "predict/config-more-layers": Case("predict", [*PREDICT, "--model_dir={tiny_more_layers}"], 2, "lack"),
     # chat_ner.py
     "chat/lora-empty": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "chat/lora-other-size": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
@@ -113,20 +141,35 @@ CASES: dict[str, Case] = {
     "chat/out-beside-model-config": Case("chat", [*CHAT, "--predictions_file", "{tiny}/p.json"], 2, "input"),
     "chat/batch-size-0": Case("chat", [*CHAT_OUT, "--batch_size", "0"], 2, "--batch_size 0"),
     "chat/long-input-is-cut": Case("chat", [*CHAT_OUT, "--data_file", "{long_text}"], 0, "cut to 508"),
+    "chat/out-under-file": Case("chat", [*CHAT, "--predictions_file", "{dev}/p.json"], 2, "is a file"),
+    "chat/model-damaged": Case("chat", [*CHAT_OUT, "--base_model", "{tiny_damaged}"], 2, "damaged"),
+    "chat/lora-damaged": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_damaged}"], 2, "damaged"),
+    "chat/broken-config": Case("chat", [*CHAT_OUT, "--base_model", "{tiny_bad_config}"], 2, "config.json"),
+    "chat/config-incomplete": Case("chat", [*CHAT_OUT, "--base_model", "{tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "chat/config-more-layers": Case("chat", [*CHAT_OUT, "--base_model", "{tiny_more_layers}"], 2, "lack"),
     # serve.py (fails before it listens)
     "serve/batch-0": Case("serve", [*SERVE, "--max_batch_size", "0"], 2, "--max_batch_size 0"),
     "serve/lora-empty": Case("serve", [*SERVE, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "serve/lora-other-size": Case("serve", [*SERVE, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
     "serve/model-damaged": Case("serve", [*SERVE, "--base_model", "{tiny_damaged}"], 2, "damaged"),
+    "serve/broken-config": Case("serve", [*SERVE, "--base_model", "{tiny_bad_config}"], 2, "config.json"),
+    "serve/config-incomplete": Case("serve", [*SERVE, "--base_model", "{tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "serve/lora-other-vocab": Case("serve", [*SERVE, "--lora_model", "{adapter_vocab}"], 2, "49953"),
     # convert_llama_weights_to_hf.py
     "convert/damaged-pth": Case("convert", [*CONVERT, "--input_dir", "{orig_damaged}"], 2, "damaged"),
     "convert/shard-size": Case("convert", [*CONVERT, "--max_shard_size", "2XB"], 2, "2XB"),
     "convert/output-is-file": Case("convert", [*CONVERT, "--output_dir", "{dev}", "--overwrite"], 2, "is a file"),
+    "convert/stale-temporary": Case("convert", [*CONVERT, "--output_dir", "{stale}/hf"], 0, STALE),
     # merge_llama_with_chinese_lora.py
     "merge/damaged-lora": Case("merge", [*MERGE, "--lora_model", "{lora_damaged}"], 2, "damaged"),
     "merge/shard-size": Case("merge", [*MERGE, "--max_shard_size", "2XB"], 2, "2XB"),
     "merge/output-is-file": Case("merge", [*MERGE, "--output_dir", "{dev}", "--overwrite"], 2, "is a file"),
     "merge/broken-base-config": Case("merge", [*MERGE, "--base_model", "{tiny_bad_config}"], 2, "config.json"),
+    "merge/damaged-base": Case("merge", [*MERGE, "--base_model", "{tiny_damaged}"], 2, "damaged"),
+    "merge/base-config-incomplete": Case("merge", [*MERGE, "--base_model", "{tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "merge/base-config-other-model": Case("merge", [*MERGE, "--base_model", "{tiny_other_config}"], 2, "implies"),
+    "merge/base-shard-lacks-tensor": Case("merge", [*MERGE, "--base_model", "{tiny_bad_shard}"], 2, "lacks"),
+    "merge/stale-temporary": Case("merge", [*MERGE, "--output_dir", "{stale}/m"], 0, STALE),
     # export_gguf.py
     "export/overwrite-tokenizer": Case(
         "export", [*EXPORT, "--output", "{tiny}/tokenizer.model", "--overwrite"], 2, "input"
@@ -135,6 +178,14 @@ CASES: dict[str, Case] = {
     "export/broken-config": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_config}"], 2, "config.json"),
     "export/damaged-weights": Case("export", [*EXPORT, "--model_dir", "{tiny_damaged}"], 2, "damaged"),
     "export/damaged-tokenizer": Case("export", [*EXPORT, "--tokenizer_dir", "{tokenizer_damaged}"], 2, "damaged"),
+    "export/config-incomplete": Case("export", [*EXPORT, "--model_dir", "{tiny_no_geometry}"], 2, NO_GEOMETRY),
+    "export/config-other-model": Case("export", [*EXPORT, "--model_dir", "{tiny_other_config}"], 2, "implies"),
+    "export/shard-lacks-tensor": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_shard}"], 2, "lacks"),
+    "export/bin-shard-lacks-tensor": Case("export", [*EXPORT, "--model_dir", "{tiny_bad_bin_shard}"], 2, "lacks"),
+    "export/sharded": Case("export", [*EXPORT, "--model_dir", "{tiny_sharded}"], 0, "exporting"),
+    "export/stale-temporary": Case("export", [*EXPORT, "--output", "{stale}/x.gguf"], 0, STALE),
+    # tiny_models.py
+    "tiny/out-is-file": Case("tiny", ["--out_dir", "{dev}"], 2, "is a file"),
 }
 SUBPROCESS_ROWS = ["process/gbk", "chat/lora-empty", "export/overwrite-tokenizer"]
 
@@ -152,6 +203,38 @@ def linked_copy(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for file in src.iterdir():
         (dst / file.name).symlink_to(file)
+    return dst
+
+
+def with_config(src: Path, dst: Path, config: dict) -> Path:
+    """src's model with another config.json."""
+    linked_copy(src, dst)
+    (dst / "config.json").unlink()
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def sharded(src: Path, dst: Path, drop: str | None = None, bin_format: bool = False) -> Path:
+    """src's model.safetensors as two shards (or pytorch_model-*.bin) and their index; `drop`: a tensor the
+    index lists but the second shard lacks (a shard of another download)."""
+    dst.mkdir()
+    for file in src.iterdir():
+        if file.suffix != ".safetensors":
+            (dst / file.name).symlink_to(file)
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), 1):
+        shard_tensors = {n: tensors[n] for n in part if n != drop}
+        if bin_format:
+            shard = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save(shard_tensors, dst / shard)
+        else:
+            shard = f"model-{i:05d}-of-00002.safetensors"
+            save_file(shard_tensors, dst / shard, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, shard)
+    index = "pytorch_model.bin.index.json" if bin_format else "model.safetensors.index.json"
+    (dst / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
 
 
@@ -182,6 +265,9 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     w["text_gbk"] = write_gbk(root / "text_gbk.txt", "北京是中国的首都。\n")
     w["long_text"] = root / "long.txt"
     w["long_text"].write_text("北京是中国的首都。" * 22000 + "\n", encoding="utf-8")  # ~200,000 characters
+    long_row = {**json.loads(lines[0]), "query": "文本：" + "北京是中国的首都。" * 22000}
+    w["long_row"] = root / "long_row.txt"
+    w["long_row"].write_text(json.dumps(long_row, ensure_ascii=False) + "\n", encoding="utf-8")
     w["broken_json"] = root / "train_args.json"
     w["broken_json"].write_text('{"model_dir": "x",\n', encoding="utf-8")
 
@@ -214,6 +300,20 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     w["tiny_bad_config"] = linked_copy(tiny_alpaca, root / "tiny_bad_config")
     (w["tiny_bad_config"] / "config.json").unlink()
     (w["tiny_bad_config"] / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64\n')
+    w["tiny_no_geometry"] = with_config(tiny_alpaca, root / "tiny_no_geometry", {"model_type": "llama"})
+    config = json.loads((tiny_alpaca / "config.json").read_text())
+    w["tiny_other_config"] = with_config(tiny_alpaca, root / "tiny_other_config", {**config, "intermediate_size": 200})
+    w["tiny_more_layers"] = with_config(tiny_alpaca, root / "tiny_more_layers", {**config, "num_hidden_layers": 3})
+    w["tiny_sharded"] = sharded(tiny_alpaca, root / "tiny_sharded")
+    w["tiny_bad_shard"] = sharded(tiny_alpaca, root / "tiny_bad_shard", drop="model.norm.weight")
+    w["tiny_bad_bin_shard"] = sharded(tiny_alpaca, root / "tiny_bad_bin_shard", "model.norm.weight", bin_format=True)
+
+    # leftovers of killed runs beside the outputs of the stale-temporary rows (outside root: those rows succeed)
+    w["stale"] = tmp_path_factory.mktemp("stale_outputs")
+    for name in ("hf", "m"):
+        (w["stale"] / f".{name}.tmp-99999999").mkdir()  # no process has this id (Linux's pid_max is at most 2**22)
+        (w["stale"] / f".{name}.tmp-99999999" / "part").write_bytes(bytes(1500))
+    (w["stale"] / ".x.gguf.tmp-99999999").write_bytes(bytes(1500))
 
     # Meta's original layout (convert) and a published-style LoRA (merge), each with a cut copy
     w["orig"] = make_tiny_original(root / "orig")
@@ -246,17 +346,25 @@ def case_argv(case: Case, world: dict[str, Path], out: Path) -> list[str]:
 _MODULES: dict[str, object] = {}
 
 
-def run_in_process(script: str, argv: list[str], monkeypatch) -> int:
-    """The script's main(argv) as `python script.py` runs it: a UserError becomes one line and exit code 2."""
+def script_module(script: str):
     if script not in _MODULES:
         _MODULES[script] = import_script(SCRIPTS[script])
-    module = _MODULES[script]
+    return _MODULES[script]
+
+
+def must_not_start(*args, **kwargs):
+    raise AssertionError("got past the input checks")
+
+
+def run_in_process(script: str, argv: list[str], monkeypatch) -> int:
+    """The script's main(argv) as `python script.py` runs it: a UserError becomes one line and exit code 2."""
+    module = script_module(script)
     if hasattr(module, "init_distributed"):  # a trainer that got past its checks would start DeepSpeed
-
-        def must_not_start(*args, **kwargs):
-            raise AssertionError("got past the input checks")
-
         monkeypatch.setattr(module, "init_distributed", must_not_start)
+    if script == "serve":  # a server that got past its checks would serve forever
+        import uvicorn
+
+        monkeypatch.setattr(uvicorn.Server, "run", must_not_start)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # chat_ner sets it
     monkeypatch.setattr(sys, "argv", [f"{SCRIPTS[script]}.py", *argv])
     try:
@@ -306,3 +414,67 @@ def test_bad_input_subprocess(name, world, tmp_path):
     )
     check_message(case, proc.returncode, proc.stderr)
     assert not any(out.iterdir())
+
+
+# where each script's long work starts (sha256 of gigabytes, or the writing): leftovers are reported before it
+LONG_WORK = {
+    "convert": ("report_checksums", "hf"),
+    "merge": ("report_checksums", "m"),
+    "export": ("write_gguf", "x.gguf"),
+}
+DEFAULT_ARGS = {"convert": CONVERT, "merge": MERGE, "export": EXPORT}
+
+
+@pytest.mark.parametrize("script", list(LONG_WORK))
+def test_stale_temporaries_reported_before_the_long_work(script, world, tmp_path, monkeypatch, capsys):
+    function, output_name = LONG_WORK[script]
+    leftover = tmp_path / f".{output_name}.tmp-99999999"
+    leftover.mkdir()
+    (leftover / "part").write_bytes(bytes(2500))
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped where the long work starts")
+
+    monkeypatch.setattr(script_module(script), function, stop)
+    argv = [arg.format(**world, out=tmp_path) for arg in DEFAULT_ARGS[script]]
+    assert run_in_process(script, argv, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "stopped where the long work starts" in err
+    assert f"warning: {leftover} was left by an interrupted run" in err
+    assert "holds 2.5 kB" in err
+
+
+HELP_WITHOUT_TORCH = """import runpy, sys
+sys.argv = ["tiny_models.py", "--help"]
+try:
+    runpy.run_path("tiny_models.py", run_name="__main__")
+except SystemExit:
+    pass
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+def test_tiny_models_help_answers_before_torch_is_imported():
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], cwd=ROOT, capture_output=True, text=True)
+    assert "--out_dir" in proc.stdout, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "torch not imported"
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        ({"hidden_size": "64"}, "hidden_size is '64', expected a positive int"),
+        ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+        ({"num_hidden_layers": True}, "num_hidden_layers is True"),
+        ({"rms_norm_eps": None}, "rms_norm_eps is None"),
+        ({"num_key_value_heads": 2.5}, "num_key_value_heads is 2.5"),
+        ({"num_attention_heads": 5, "num_key_value_heads": 5, "head_dim": None}, "do not divide"),
+    ],
+)
+def test_config_geometry_is_checked(change, word, tiny_alpaca, tmp_path):
+    from model_utils import read_model_config
+
+    config = json.loads((tiny_alpaca / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=re.escape(word)):
+        read_model_config(tmp_path)

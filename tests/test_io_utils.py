@@ -123,3 +123,20 @@ def test_stale_temporary_of_a_dead_run_is_reported_with_its_size(tmp_path, capsy
     assert str(stale) in err and "3.0 MB" in err and "interrupted run" in err
     assert str(alive) not in err
     assert stale.exists()  # reported, not removed
+
+
+def test_stale_temporary_is_reported_once_when_the_output_is_checked(tmp_path, capsys):
+    stale = tmp_path / ".out.txt.tmp-99999999"  # above Linux's pid_max: no such process
+    stale.write_bytes(b"\0" * 1500)
+    check_output_file(tmp_path / "out.txt", "--out")
+    assert f"{stale} was left by an interrupted run" in capsys.readouterr().err
+    atomic_write_text(tmp_path / "out.txt", "x")  # the write itself does not repeat the warning
+    assert str(stale) not in capsys.readouterr().err
+
+
+def test_atomic_dir_refuses_to_replace_a_file(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    with pytest.raises(UserError, match="is a file"), atomic_dir(data):
+        pass
+    assert data.read_text() == "x"
