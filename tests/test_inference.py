@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, import_script
+from conftest import MSRA, ROOT, import_script
 from dataset import build_prompt
 from io_utils import UserError
 from model_utils import generate_answers, load_model, load_tokenizer
@@ -236,6 +236,31 @@ def test_test_py_bad_data_line(memorized, tmp_path):
     )
     assert_one_line_error(proc, f"{bad}:3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.txt"]
+
+
+def fake_train_args(tmp_path) -> str:
+    """A train_args.json whose model does not exist: enough for the checks that come before loading."""
+    from train_config import TRAIN_DEFAULTS
+
+    path = tmp_path / "train_args.json"
+    run = {"model_dir": str(tmp_path / "no_model"), "save_dir": str(tmp_path), "dev_path": str(MSRA)}
+    path.write_text(json.dumps({**TRAIN_DEFAULTS, **run}), encoding="utf-8")
+    return f"--train_args_path={path}"
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_a_bad_device_is_one_line_naming_the_key_and_the_valid_values(script, tmp_path):
+    proc = run_script(script, fake_train_args(tmp_path), "--device=gpu0")
+    assert_one_line_error(proc, "device='gpu0': use cpu, cuda, cuda:N")
+
+
+@pytest.mark.parametrize("script", ["test", "predict"])
+def test_a_gpu_this_machine_lacks_fails_before_loading(script, tmp_path):
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    with pytest.raises(UserError, match=f"device={device}: this machine has .*; pass --device=cpu"):
+        import_script(script).main([fake_train_args(tmp_path), f"--device={device}"])
 
 
 def test_test_py_unknown_key(memorized):
