@@ -22,9 +22,9 @@ once; per step only the pieces that continue the current line's occurrences in t
 handful of separator and type pieces, are looked at. If max_new_tokens ends an answer in the
 middle of a line, `NerConstraint.close` drops that unfinished line (no line left: `没有`).
 
-Why not xgrammar (0.2.8, measured here on this GBNF): it compiles one MSRA text's grammar in
-30-80 ms against about 2 ms for a TextGrammar, cannot forbid a repeated line (a context-free
-grammar cannot), and would add triton and tvm-ffi to the requirements.
+Why a LogitsProcessor of our own and not xgrammar, outlines or lm-format-enforcer: each row
+has its own language ("a substring of this text"), a grammar of workable size cannot forbid a
+repeated line, and none of them was installed or measured here (docs/constrained_decoding.md).
 """
 
 from __future__ import annotations
