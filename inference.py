@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from ner_constraint import NerConstraint
 
 ROOT = Path(__file__).resolve().parent
-HELP_SOURCES = [ROOT / "train_utils.py", ROOT / "inference.py"]  # where the keys' meanings are written
+HELP_SOURCES = [ROOT / "train_config.py", ROOT / "inference.py"]  # where the keys' meanings are written
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -36,7 +37,7 @@ EVAL_DEFAULTS = {
     "eval_batch_size": 16,  # prompts generated together (left padding); 1 = one at a time
     "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
-    "device": "",  # '' = cuda when available, else cpu
+    "device": "",  # cpu, cuda, cuda:N; '' or auto = cuda when available, else cpu
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
     "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
     "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
@@ -71,6 +72,10 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
     defaults["train_args_path"] = path
     config = ConfigParser(defaults, description, sources).parse(argv)
     require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    if not re.fullmatch(r"|auto|cpu|cuda(:\d+)?", config.device):
+        raise ConfigError(
+            f"device={config.device!r}: use cpu, cuda, cuda:N (a GPU's index) or auto (cuda if any, else cpu)"
+        )
     return config
 
 
@@ -86,16 +91,27 @@ def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     from model_files import check_model_files  # torch and transformers: after the command line is read
     from model_utils import adapter_weights_file, load_model, load_tokenizer
 
+    device = None if config.device in ("", "auto") else config.device
+    check_gpu_visible(device)
     adapter = adapter_dir(config)
     check_model_files(config.model_dir)
     if adapter:
         adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
     print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
-    model = load_model(
-        config.model_dir, adapter, config.dtype, config.device or None, tokenizer, config.quantization_bit
-    )
+    model = load_model(config.model_dir, adapter, config.dtype, device, tokenizer, config.quantization_bit)
     return model, tokenizer
+
+
+def check_gpu_visible(device: str | None) -> None:
+    """A cuda or cuda:N device that this machine does not have fails here, before any model loads."""
+    import torch
+
+    if device and device.startswith("cuda"):
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            visible = f"GPUs cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
+            raise ConfigError(f"device={device}: this machine has {visible}; pass --device=cpu or a GPU it has")
 
 
 def row_prompt(row: dict[str, Any], config: Config) -> str:
@@ -150,9 +166,29 @@ def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
     (its train_args.json's train_path), else MSRA's."""
     from ner_constraint import load_entity_types
 
-    trained = Path(args.lora_model or "") / "train_args.json"
-    config = load_config(trained) if args.lora_model and trained.is_file() else {}
+    config = adapter_train_args(args.lora_model)
     return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
+
+
+def adapter_train_args(lora_model: str | None) -> dict[str, Any]:
+    """The train_args.json that training saves inside the adapter folder, or {} (no LoRA, or none saved)."""
+    trained = Path(lora_model or "") / "train_args.json"
+    return load_config(trained) if lora_model and trained.is_file() else {}
+
+
+def base_bits(args: argparse.Namespace) -> int:
+    """The base's bit width (0 = unquantized), printed: --load_in_kbits, else the quantization_bit the
+    LoRA was trained with (its train_args.json), so a QLoRA adapter runs on the base it learned on."""
+    recorded = adapter_train_args(args.lora_model).get("quantization_bit")
+    if args.load_in_kbits is not None:
+        bits, source = (0 if args.load_in_kbits == 16 else args.load_in_kbits), "--load_in_kbits"
+    elif recorded is not None:
+        bits = recorded
+        source = f"quantization_bit in {Path(args.lora_model) / 'train_args.json'}; --load_in_kbits overrides it"
+    else:
+        bits, source = 0, "default"
+    print(f"base model: {f'{bits}-bit (bitsandbytes)' if bits else 'not quantized'} ({source})")
+    return bits
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -164,8 +200,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     parser.add_argument(
-        "--load_in_kbits", type=int, choices=[4, 8, 16], default=16, help="base in 4 or 8 bits (bitsandbytes); 16: not"
-    )
+        "--load_in_kbits", type=int, choices=[4, 8, 16], default=None,
+        help="base in 4 or 8 bits (bitsandbytes), 16: not quantized; default: the LoRA's train_args.json "
+        "quantization_bit (as it was trained), else 16",
+    )  # fmt: skip
     parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
                         "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
 
@@ -190,7 +228,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
         adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
     tokenizer = load_tokenizer(tokenizer_dir(args))
     print(f"Vocab of the tokenizer: {len(tokenizer)}")
-    bits = 0 if args.load_in_kbits == 16 else args.load_in_kbits
+    bits = base_bits(args)
     model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer, bits)
     print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
     return model, tokenizer

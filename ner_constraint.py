@@ -22,9 +22,9 @@ once; per step only the pieces that continue the current line's occurrences in t
 handful of separator and type pieces, are looked at. If max_new_tokens ends an answer in the
 middle of a line, `NerConstraint.close` drops that unfinished line (no line left: `没有`).
 
-Why not xgrammar (0.2.8, measured here on this GBNF): it compiles one MSRA text's grammar in
-30-80 ms against about 2 ms for a TextGrammar, cannot forbid a repeated line (a context-free
-grammar cannot), and would add triton and tvm-ffi to the requirements.
+Why a LogitsProcessor of our own and not xgrammar, outlines or lm-format-enforcer: each row
+has its own language ("a substring of this text"), a grammar of workable size cannot forbid a
+repeated line, and none of them was installed or measured here (docs/constrained_decoding.md).
 """
 
 from __future__ import annotations
@@ -36,13 +36,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from transformers import LogitsProcessor
-
+from config_utils import answer_help_first
 from dataset import NO_ENTITY, QUERY_PREFIX, build_prompt, load_data, ner_row
-from io_utils import UserError, atomic_write_text, run_cli
+from io_utils import UserError, atomic_write_text, check_output_file, run_cli
 from metrics import ENTITY_TYPES, parse_line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `python ner_constraint.py`: the GBNF grammar of one text."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", required=True, help="the sentence to label (without 文本：)")
+    p.add_argument("--entity_types", default="", help="comma-separated; default: those of --train_path, else MSRA's")
+    p.add_argument("--train_path", default="", help="training data (JSON lines) whose answers give the types")
+    p.add_argument("--max_lines", type=int, default=0, help="at most this many answer lines (0: no limit)")
+    p.add_argument("--out", default="", help="write the grammar here (default: print it)")
+    p.add_argument("--prompt_out", default="", help="also write the model prompt here (llama-cli -f)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # answer --help before torch and transformers load (seconds)
+    answer_help_first(parse_args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
 
 NOTHING = NO_ENTITY.encode()
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
@@ -61,22 +78,40 @@ def check_types(types: Sequence[str], where: str) -> tuple[str, ...]:
 
 
 def load_entity_types(spec: str = "", train_path: str | Path | None = None, column: str = "answer") -> tuple[str, ...]:
-    """Types from `spec` ("人名,地名"), else those in train_path's answers, else MSRA's three."""
+    """Types from `spec` ("人名,地名"), else those in train_path's answers, else MSRA's three.
+
+    A train_path that cannot be read (train_args.json records it relative to where training ran)
+    or holds no typed answer is a warning, not an error: MSRA's types are right for MSRA, and an
+    adapter can be evaluated without its training data; the warning names the override.
+    """
     if spec:
         return check_types(spec.split(","), "entity_types")
-    try:
-        rows = load_data(train_path, (column,)) if train_path else []
-    except (UserError, OSError) as err:
-        print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} (cannot read the training data: {err})")
+    if not train_path:
+        print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} (no training data given)")
         return ENTITY_TYPES
+    if not Path(train_path).is_file():
+        return msra_types_instead(
+            f"training data {train_path} not found (a relative path is read from the current directory)"
+        )
+    try:
+        rows = load_data(train_path, (column,))
+    except (UserError, OSError) as err:
+        return msra_types_instead(f"cannot read the training data ({err})")
     found = [pair[1] for row in rows for line in str(row[column]).splitlines() if (pair := parse_line(line))]
     if not found:
-        where = f"no typed answer in {train_path}" if train_path else "no training data given"
-        print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} ({where})")
-        return ENTITY_TYPES
+        return msra_types_instead(f"no typed answer in the training data {train_path}")
     types = check_types(found, f"{train_path}")
     print(f"entity types from {train_path}: {'/'.join(types)}")
     return types
+
+
+def msra_types_instead(why: str) -> tuple[str, ...]:
+    print(
+        f"warning: {why}: constrained answers use MSRA's types {'/'.join(ENTITY_TYPES)}; if the data has other "
+        "types, pass them: entity_types=A,B (--entity_types A,B for chat_ner.py / serve.py / ner_constraint.py)",
+        file=sys.stderr,
+    )
+    return ENTITY_TYPES
 
 
 def text_of_query(query: str, instruct: str = "") -> str:
@@ -416,14 +451,13 @@ def gbnf(text: str, types: Sequence[str] = ENTITY_TYPES, max_lines: int = 0) -> 
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", required=True, help="the sentence to label (without 文本：)")
-    p.add_argument("--entity_types", default="", help="comma-separated; default: those of --train_path, else MSRA's")
-    p.add_argument("--train_path", default="", help="training data (JSON lines) whose answers give the types")
-    p.add_argument("--max_lines", type=int, default=0, help="at most this many answer lines (0: no limit)")
-    p.add_argument("--out", default="", help="write the grammar here (default: print it)")
-    p.add_argument("--prompt_out", default="", help="also write the model prompt here (llama-cli -f)")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    inputs = [args.train_path] if args.train_path else []
+    for flag, path in (("--out", args.out), ("--prompt_out", args.prompt_out)):
+        if path:  # before any work; an output never replaces an input
+            check_output_file(path, flag, inputs)
+    if args.out and args.prompt_out and Path(args.out).resolve() == Path(args.prompt_out).resolve():
+        raise UserError(f"--out and --prompt_out are both {args.out}: pass two different files")
     with contextlib.redirect_stdout(sys.stderr):  # stdout may be the grammar
         types = load_entity_types(args.entity_types, args.train_path or None)
     grammar = gbnf(args.text, types, args.max_lines)

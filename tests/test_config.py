@@ -136,7 +136,7 @@ def test_help_shows_each_keys_meaning_from_the_comment_beside_its_default(capsys
 
 HELP_WITHOUT_TORCH = """
 import runpy, sys
-sys.argv = [sys.argv[1], "--help"]
+sys.argv = [*sys.argv[1:], "--help"]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as stop:
@@ -158,12 +158,35 @@ print("torch imported" if "torch" in sys.modules else "torch not imported")
         ("export_gguf.py", "the .gguf to write"),
         ("chat_ner.py", "each input is a sentence"),
         ("serve.py", "inputs generated together"),
+        ("ner_constraint.py", "the sentence to label"),
     ],
 )
 def test_help_answers_before_torch_is_imported(script, meaning):
-    proc = subprocess.run(
-        [sys.executable, "-c", HELP_WITHOUT_TORCH, script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    out = help_without_torch(script)
+    assert meaning in out
+
+
+def help_without_torch(*argv: str) -> str:
+    """`python SCRIPT ARGV... --help`'s output; checks that it exits 0 without importing torch."""
+    cmd = [sys.executable, "-c", HELP_WITHOUT_TORCH, *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert meaning in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "torch not imported"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_help_with_a_train_args_json_shows_the_training_keys_meanings(script, tmp_path):
+    """With a real train_args.json, --help lists its training keys too, each with the comment from train_config.py."""
+    from train_config import TRAIN_DEFAULTS
+
+    train_args = tmp_path / "train_args.json"
+    train_args.write_text(json.dumps({**TRAIN_DEFAULTS, "save_dir": str(tmp_path)}), encoding="utf-8")
+    lines = help_without_torch(script, f"--train_args_path={train_args}").splitlines()
+    meanings = {}
+    for line, below in zip(lines, lines[1:], strict=False):
+        if line.split()[:1] and line.split()[0] in TRAIN_DEFAULTS:
+            meanings[line.split()[0]] = below.strip()
+    assert meanings["lora_r"] == "LoRA rank"
+    assert meanings["model_dir"] == "merged Hugging Face model to tune"
+    assert meanings["train_path"] == "training data, JSON lines"

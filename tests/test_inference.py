@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, import_script
+from conftest import MSRA, ROOT, import_script
 from dataset import build_prompt
 from io_utils import UserError
 from model_utils import generate_answers, load_model, load_tokenizer
@@ -91,15 +91,14 @@ def test_batch_16_equals_batch_1(memorized, memorized_model):
 # ---- constrained decoding (ner_constraint.py) ----------------------------------------------------
 
 
-def grounded(text: str, answer: str) -> bool:
-    """`没有`, or distinct `entity_type` lines with the entity in the text and an MSRA type (plain string checks)."""
+def grounded(text: str, answer: str, types: tuple[str, ...] = ("人名", "地名", "机构名")) -> bool:
+    """`没有`, or distinct `entity_type` lines, each entity in the text, each type in `types` (plain string checks)."""
     lines = answer.split("\n")
     if answer == "没有":
         return True
     pairs = [line.rpartition("_") for line in lines]
     return len(set(lines)) == len(lines) and all(
-        sep and kind in ("人名", "地名", "机构名") and entity and entity == entity.strip() and entity in text
-        for entity, sep, kind in pairs
+        sep and kind in types and entity and entity == entity.strip() and entity in text for entity, sep, kind in pairs
     )
 
 
@@ -119,30 +118,49 @@ def test_constrained_greedy_keeps_valid_answers(memorized, memorized_model):
             assert got == free
 
 
-def test_test_py_constrained_untrained_model(memorized, tmp_path):
-    """On a random model every constrained answer is valid; unconstrained ones are not (the check can fail)."""
+def test_test_py_and_predict_py_constrain_by_default(memorized, tmp_path):
+    """On a random model, with no --constrained flag, every answer is valid; with --constrained=false
+    they are not (so the check can fail). predict.py, also without the flag, answers as test.py."""
     test_script = import_script("test")
     args = [f"--train_args_path={memorized['train_args']}", "--adapter_path=none", "--max_new_tokens=24"]
-    args += [f"--dev_path={memorized['unseen']}", "--eval_batch_size=16"]
+    args += ["--eval_batch_size=16"]
     results = {}
-    for flag in ("true", "false"):
-        out = tmp_path / flag
-        metrics = test_script.main([*args, f"--output_dir={out}", f"--constrained={flag}"])
+    for flags in ([], ["--constrained=false"]):
+        out = tmp_path / ("default" if not flags else "false")
+        metrics = test_script.main([*args, f"--dev_path={memorized['unseen']}", f"--output_dir={out}", *flags])
         saved = json.loads((out / "test_metrics.json").read_text(encoding="utf-8"))
         records = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text("utf-8").splitlines()]
-        assert saved["constrained"] is (flag == "true") and saved["malformed"] == metrics["malformed"]
-        results[flag] = (metrics, records)
-    metrics, records = results["true"]
+        assert saved["constrained"] is (not flags) and saved["malformed"] == metrics["malformed"]
+        results[out.name] = (metrics, records)
+    metrics, records = results["default"]
     assert metrics["malformed"] == 0 and set(metrics["entity_types"]) == {"人名", "地名", "机构名"}  # from train_path
     assert all(grounded(text_of_query(r["query"]), r["prediction"]) for r in records)
+    predicted = import_script("predict").main([*args, f"--predict_path={memorized['unseen']}"])
+    assert predicted == [r["prediction"] for r in records]
     metrics, records = results["false"]
     assert metrics["malformed"] > 0
     assert not all(grounded(text_of_query(r["query"]), r["prediction"]) for r in records)
 
 
+def test_test_py_takes_the_entity_types_from_the_training_data(memorized, tmp_path):
+    """Another dataset's types (药物/症状, from train_path's answers) are the only ones the answers use."""
+    train = tmp_path / "train.txt"
+    rows = [{"instruct": "x", "query": "文本：头痛", "answer": "阿司匹林_药物\n头痛_症状"}]
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    args = [f"--train_args_path={memorized['train_args']}", "--adapter_path=none", "--max_new_tokens=24"]
+    args += [f"--train_path={train}", f"--dev_path={memorized['unseen']}", "--max_rows=6", f"--output_dir={tmp_path}"]
+    metrics = import_script("test").main(args)
+    saved = json.loads((tmp_path / "test_metrics.json").read_text(encoding="utf-8"))
+    assert metrics["entity_types"] == saved["entity_types"] == ["药物", "症状"] and metrics["malformed"] == 0
+    records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text("utf-8").splitlines()]
+    types = ("药物", "症状")
+    assert all(grounded(text_of_query(r["query"]), r["prediction"], types) for r in records)
+    assert any(r["prediction"] != "没有" for r in records)  # typed lines were generated, not only 没有
+
+
 def test_chat_ner_constrained(memorized, tmp_path, monkeypatch):
-    """chat_ner.py --ner on a random model, sampling: valid answers by default (sampled among the allowed
-    tokens), not with --constrained false."""
+    """chat_ner.py --ner on a random model, sampling: valid answers with no --constrained flag (sampled
+    among the allowed tokens), not with --constrained false."""
     texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
     data = tmp_path / "inputs.txt"
     data.write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -151,11 +169,11 @@ def test_chat_ner_constrained(memorized, tmp_path, monkeypatch):
     argv = ["--base_model", str(memorized["base"]), "--only_cpu", "--ner", "--data_file", str(data)]
     argv += ["--max_new_tokens", "24", "--seed", "0", "--temperature", "0.8"]
     outputs = {}
-    for flag in ("true", "false"):
-        out = tmp_path / flag / "predictions.json"
-        chat.main([*argv, "--predictions_file", str(out), "--constrained", flag])
-        outputs[flag] = [r["Output"] for r in json.loads(out.read_text(encoding="utf-8"))]
-    assert all(grounded(t, a) for t, a in zip(texts, outputs["true"], strict=True)), outputs["true"]
+    for flags in ([], ["--constrained", "false"]):
+        out = tmp_path / ("default" if not flags else "false") / "predictions.json"
+        chat.main([*argv, "--predictions_file", str(out), *flags])
+        outputs[out.parent.name] = [r["Output"] for r in json.loads(out.read_text(encoding="utf-8"))]
+    assert all(grounded(t, a) for t, a in zip(texts, outputs["default"], strict=True)), outputs["default"]
     assert not all(grounded(t, a) for t, a in zip(texts, outputs["false"], strict=True))
 
 
@@ -236,6 +254,31 @@ def test_test_py_bad_data_line(memorized, tmp_path):
     )
     assert_one_line_error(proc, f"{bad}:3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.txt"]
+
+
+def fake_train_args(tmp_path) -> str:
+    """A train_args.json whose model does not exist: enough for the checks that come before loading."""
+    from train_config import TRAIN_DEFAULTS
+
+    path = tmp_path / "train_args.json"
+    run = {"model_dir": str(tmp_path / "no_model"), "save_dir": str(tmp_path), "dev_path": str(MSRA)}
+    path.write_text(json.dumps({**TRAIN_DEFAULTS, **run}), encoding="utf-8")
+    return f"--train_args_path={path}"
+
+
+@pytest.mark.parametrize("script", ["test.py", "predict.py"])
+def test_a_bad_device_is_one_line_naming_the_key_and_the_valid_values(script, tmp_path):
+    proc = run_script(script, fake_train_args(tmp_path), "--device=gpu0")
+    assert_one_line_error(proc, "device='gpu0': use cpu, cuda, cuda:N")
+
+
+@pytest.mark.parametrize("script", ["test", "predict"])
+def test_a_gpu_this_machine_lacks_fails_before_loading(script, tmp_path):
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    with pytest.raises(UserError, match=f"device={device}: this machine has .*; pass --device=cpu"):
+        import_script(script).main([fake_train_args(tmp_path), f"--device={device}"])
 
 
 def test_test_py_unknown_key(memorized):

@@ -12,7 +12,7 @@ from conftest import ROOT
 from io_utils import UserError
 from metrics import parse_answer
 from model_utils import decode_new_tokens, load_tokenizer
-from ner_constraint import NerConstraint, State, TextGrammar, gbnf, load_entity_types, vocab_of
+from ner_constraint import NerConstraint, State, TextGrammar, gbnf, load_entity_types, main, vocab_of
 
 MSRA_TYPES = ("人名", "地名", "机构名")
 TEXTS = [
@@ -165,26 +165,30 @@ def test_allowed_ids_equal_brute_force(tokenizer):
 
 
 def test_processor_on_random_logits_gives_valid_answers(tokenizer):
-    """A batch under random logits (an untrained model, in effect): every answer is valid."""
+    """A batch under random logits (an untrained model, in effect): every row ends with </s> by itself
+    (close() rescues nothing here) and every answer is valid; after </s> only </s> follows."""
     rows = [json.loads(line) for line in (ROOT / "tests/data/msra_dev_instruct.txt").open(encoding="utf-8")][:5]
     texts = TEXTS + [r["query"].removeprefix("文本：") for r in rows]
     constraint = NerConstraint(tokenizer, texts, MSRA_TYPES)
     processor = constraint.processor(list(range(len(texts))), prompt_width=3)
     ids = torch.zeros(len(texts), 3, dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(48):
+    eos = tokenizer.eos_token_id
+    for _ in range(200):
         scores = torch.randn(len(texts), len(tokenizer), generator=generator)
-        scores[:, [tokenizer.eos_token_id, 13]] += 2.5  # end lines and answers now and then
+        scores[:, [eos, 13]] += 2.5  # end lines and answers now and then
         ids = torch.cat([ids, processor(ids, scores).argmax(-1, keepdim=True)], dim=1)
-    finished = 0
+        if (ids == eos).any(dim=1).all():
+            break
+    lines = 0
     for index, row in enumerate(ids[:, 3:].tolist()):
+        assert eos in row, (texts[index], decode_new_tokens(tokenizer, row))
+        assert set(row[row.index(eos) :]) == {eos}
         answer = decode_new_tokens(tokenizer, row)
-        if tokenizer.eos_token_id not in row:
-            answer = constraint.close(index, answer)
-        finished += tokenizer.eos_token_id in row
         assert independent_ok(texts[index], answer), (texts[index], answer)
         assert parse_answer(answer)[1] == 0
-    assert finished >= 2  # some ended with </s>, the others were closed
+        lines += 0 if answer == "没有" else len(answer.split("\n"))
+    assert lines >= len(texts)  # entity lines, not only 没有: the check above is not vacuous
 
 
 def test_close_drops_the_unfinished_line(tokenizer):
@@ -200,8 +204,15 @@ def test_entity_types(tmp_path, capsys):
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert load_entity_types("", data) == ("药物", "症状")
     assert load_entity_types("人名, 地名", data) == ("人名", "地名")
-    assert load_entity_types("", tmp_path / "missing.txt") == MSRA_TYPES
-    assert "MSRA" in capsys.readouterr().out
+    untyped = tmp_path / "untyped.txt"
+    untyped.write_text(json.dumps({"instruct": "x", "answer": "没有"}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    for train_path, why in ((tmp_path / "missing.txt", "not found"), (untyped, "no typed answer")):
+        assert load_entity_types("", train_path) == MSRA_TYPES
+        warning = capsys.readouterr().err
+        assert warning.startswith("warning: ") and str(train_path) in warning and why in warning
+        assert "MSRA's types 人名/地名/机构名" in warning and "entity_types=A,B" in warning
+    assert load_entity_types("", None) == MSRA_TYPES and "no training data given" in capsys.readouterr().out
     with pytest.raises(UserError, match="entity_types"):
         load_entity_types("人_名")
 
@@ -214,3 +225,18 @@ def test_gbnf_shape():
     assert 'e2 ::= "\\x22" e3?' in lines and 'e4 ::= "\\x20" e5' in lines  # quote escaped; a space cannot end
     assert "entity ::= e0 | e1 | e2 | e3 | e5 | e6" in lines
     assert gbnf("  ").splitlines() == ['root ::= " "? ("没有")']
+
+
+def test_gbnf_cli_never_overwrites_its_training_data_nor_writes_into_a_directory(tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text(json.dumps({"instruct": "x", "answer": "北京_地名"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    before = data.read_bytes()
+    with pytest.raises(UserError, match=r"--out .*train\.txt is the input .*train\.txt: choose another path"):
+        main(["--text", "北京", "--train_path", str(data), "--out", str(data)])
+    with pytest.raises(UserError, match="--prompt_out .* is the input"):
+        main(["--text", "北京", "--train_path", str(data), "--prompt_out", str(tmp_path / "." / "train.txt")])
+    with pytest.raises(UserError, match=f"--out {tmp_path} is a directory; pass a file path"):
+        main(["--text", "北京", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="--out and --prompt_out are both"):
+        main(["--text", "北京", "--out", str(tmp_path / "a"), "--prompt_out", str(tmp_path / "a")])
+    assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"]

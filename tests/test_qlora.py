@@ -164,17 +164,76 @@ def memorized_4bit(tiny_alpaca, tmp_path_factory) -> dict:
     seen.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     save_dir, losses = train_memorized_lora(tiny_alpaca, rows, work / "run", seen, quantization_bit=4)
     assert losses[-1] < losses[0]
-    return {"save_dir": save_dir, "rows": rows, "seen": seen, "work": work}
+    return {"base": tiny_alpaca, "save_dir": save_dir, "rows": rows, "seen": seen, "work": work}
+
+
+def count_4bit_layers(model: torch.nn.Module) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
+PROJECTIONS_4BIT = 2 * 7  # the tiny model's 2 layers x 7 projections; embed_tokens and lm_head stay unquantized
+
+
+@pytest.fixture
+def loaded_models(monkeypatch) -> list[torch.nn.Module]:
+    """The models test.py / predict.py load (inference.load_trained, spied on)."""
+    import inference
+
+    models, load_trained = [], inference.load_trained
+
+    def spy(config):
+        model, tokenizer = load_trained(config)
+        models.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(inference, "load_trained", spy)  # before import_script: the scripts import it by name
+    return models
 
 
 @pytest.mark.slow
-def test_memorized_4bit_lora_is_exact_when_evaluated_on_the_4bit_base(memorized_4bit, capsys):
+def test_memorized_4bit_lora_is_exact_when_evaluated_on_the_4bit_base(memorized_4bit, loaded_models, capsys):
     """test.py loads the base 4-bit by default (train_args.json says so) and reproduces every answer."""
     train_args_path = memorized_4bit["save_dir"] / "adapter_model" / "train_args.json"
     assert json.loads(train_args_path.read_text("utf-8"))["quantization_bit"] == 4
     metrics = import_script("test").main([f"--train_args_path={train_args_path}", "--max_new_tokens=64"])
     assert re.search(r"quantization_bit\s+= 4\n", capsys.readouterr().out)  # the config test.py printed
+    assert count_4bit_layers(loaded_models[0]) == PROJECTIONS_4BIT
     assert metrics["f1"] == 1.0 and metrics["exact_match"] == 1.0 and metrics["n"] == 12
+
+
+@pytest.mark.slow
+def test_predict_py_loads_the_4bit_base_by_default_and_not_with_quantization_bit_0(memorized_4bit, loaded_models):
+    train_args_path = memorized_4bit["save_dir"] / "adapter_model" / "train_args.json"
+    argv = [f"--train_args_path={train_args_path}", f"--predict_path={memorized_4bit['seen']}", "--max_rows=2"]
+    predict = import_script("predict")
+    assert predict.main([*argv, "--max_new_tokens=64"]) == [r["answer"] for r in memorized_4bit["rows"][:2]]
+    predict.main([*argv, "--max_new_tokens=1", "--quantization_bit=0"])
+    assert [count_4bit_layers(m) for m in loaded_models] == [PROJECTIONS_4BIT, 0]
+
+
+@pytest.mark.slow
+def test_chat_ner_loads_the_4bit_base_by_default_and_not_with_load_in_kbits_16(memorized_4bit, monkeypatch, capsys):
+    """chat_ner.py / serve.py (inference.load_from_args) take quantization_bit from the LoRA's train_args.json."""
+    import inference
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # load_from_args sets it; restored after the test
+    chat = import_script("chat_ner")
+    adapter = memorized_4bit["save_dir"] / "adapter_model"
+    argv = ["--base_model", str(memorized_4bit["base"]), "--lora_model", str(adapter), "--only_cpu", "--ner"]
+    model, tokenizer = inference.load_from_args(chat.parse_args(argv))
+    assert (
+        f"base model: 4-bit (bitsandbytes) (quantization_bit in {adapter / 'train_args.json'}"
+        in capsys.readouterr().out
+    )
+    assert count_4bit_layers(model) == PROJECTIONS_4BIT
+    rows = memorized_4bit["rows"][:2]
+    texts = [r["query"].removeprefix("文本：") for r in rows]
+    assert inference.ner_answers(model, tokenizer, texts, max_new_tokens=64) == [r["answer"] for r in rows]
+    model, _ = inference.load_from_args(chat.parse_args([*argv, "--load_in_kbits", "16"]))
+    assert "base model: not quantized (--load_in_kbits)" in capsys.readouterr().out
+    assert count_4bit_layers(model) == 0
 
 
 @pytest.mark.slow
