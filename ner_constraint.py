@@ -57,9 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":  # answer --help before torch and transformers load (seconds)
     answer_help_first(parse_args)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import LogitsProcessor  # noqa: E402
+import numpy as np
+import torch
+from transformers import LogitsProcessor
 
 NOTHING = NO_ENTITY.encode()
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on

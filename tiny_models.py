@@ -33,12 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":  # answer --help before torch loads (seconds)
     answer_help_first(parse_args)
 
-import torch  # noqa: E402
+import torch
 
-from llama_layout import expected_shapes, params_to_config, shard_pieces  # noqa: E402
-from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer  # noqa: E402
-from tensor_io import TensorInfo, TorchZipWriter  # noqa: E402
-from train_config import LORA_TARGETS  # noqa: E402
+from llama_layout import expected_shapes, params_to_config, shard_pieces
+from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
+from tensor_io import TensorInfo, TorchZipWriter
+from train_config import LORA_TARGETS
 
 HUB = Path(__file__).resolve().parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"

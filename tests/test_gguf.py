@@ -209,7 +209,7 @@ def test_llama_cpp_greedy_continuation_equals_transformers(alpaca):
 
 @pytest.mark.slow
 def test_exported_file_quantizes_with_llama_cpp(alpaca, tmp_path):
-    """The README's quantization step: llama.cpp's own quantizer takes the file (Q8_0 here: 64-wide rows)."""
+    """docs/gguf.md's quantization step: llama.cpp's own quantizer takes the file (Q8_0 here: 64-wide rows)."""
     import ctypes
 
     llama_cpp_model(alpaca["gguf_file"])  # fails loudly when llama_cpp is missing

@@ -269,7 +269,7 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alp
 
 @pytest.fixture(scope="module")
 def bf16_json(tmp_path_factory) -> Path:
-    """deepspeed.json switched to bf16 the way the README says: fp16 section removed, bf16 enabled."""
+    """deepspeed.json switched to bf16 as a user would: fp16 section removed, bf16 enabled."""
     ds = json.loads(Path(DS_JSON).read_text("utf-8"))
     del ds["fp16"]
     ds["bf16"] = {"enabled": True}
