@@ -75,12 +75,16 @@ class DeltaStreamer(BaseStreamer):
 
 
 class Batcher:
-    """A request queue served by one worker thread; `stats` counts batches for /health."""
+    """A request queue served by one worker thread.
+
+    For /health: `stats` counts batches, `running` is the number of inputs being generated now.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.waiting: list[Job] = []
         self.cond = threading.Condition()
+        self.running = 0
         self.stats = {"batches": 0, "requests": 0, "largest_batch": 0, "largest_batch_requests": 0}
         threading.Thread(target=self.work, name="generate", daemon=True).start()
 
@@ -138,7 +142,11 @@ class Batcher:
         start = time.perf_counter()
         generate = ner_answers if first.kind == "ner" else generate_answers
         size, tokens = self.max_batch_size, first.max_new_tokens
-        answers = generate(self.model, self.tokenizer, inputs, size, tokens, progress=False, **settings)
+        self.running = len(inputs)
+        try:
+            answers = generate(self.model, self.tokenizer, inputs, size, tokens, progress=False, **settings)
+        finally:
+            self.running = 0
         seconds = time.perf_counter() - start
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)

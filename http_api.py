@@ -152,9 +152,8 @@ class Limits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.api_key is not None and scope["path"].startswith("/v1/"):
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            given = dict(scope["headers"]).get(b"authorization", b"")  # raw header bytes; serve.py keeps keys ASCII
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode("ascii")):
                 response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
                 return await response(scope, receive, send)
         chunks, size, more = [], 0, True
@@ -216,14 +215,18 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             raise ApiError(400, f"max_tokens: {value} is not between 1 and {args.max_new_tokens}", "max_tokens")
         return value
 
-    def check_length(prompt: str, new_tokens: int, name: str) -> int:
+    def check_count(items: list[str], name: str, noun: str) -> None:
+        if len(items) > args.max_texts:
+            raise ApiError(400, f"{name}: {len(items)} {noun}; at most {args.max_texts} per request", name)
+
+    def check_length(prompt: str, new_tokens: int, name: str, fix: str = "shorten it or lower max_tokens") -> int:
         """Prompt tokens; an error when prompt + new tokens exceed the model's positions."""
         count = len(tokenizer.encode(prompt, add_special_tokens=True))
         if max_positions and count + new_tokens > max_positions:
             raise ApiError(
                 400,
                 f"{name}: the prompt is {count} tokens; with {new_tokens} new tokens that exceeds the model's "
-                f"{max_positions} positions; shorten it or lower max_tokens",
+                f"{max_positions} positions; {fix}",
                 name,
             )
         return count
@@ -242,7 +245,8 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": args.model_name, "queued": batcher.queued(), **batcher.stats}
+        state = {"queued": batcher.queued(), "running": batcher.running}
+        return {"status": "ok", "model": args.model_name, **state, **batcher.stats}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -251,12 +255,12 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
     @app.post("/v1/ner")
     async def ner(request: NerRequest) -> dict[str, Any]:
-        if len(request.texts) > args.max_texts:
-            raise ApiError(400, f"texts: {len(request.texts)} texts; at most {args.max_texts} per request", "texts")
+        check_count(request.texts, "texts", "texts")
         for i, text in enumerate(request.texts):
             if not text.strip():
                 raise ApiError(400, f"texts[{i}]: empty text", f"texts[{i}]")
-            check_length(ner_prompt(text), args.max_new_tokens, f"texts[{i}]")
+            fix = "shorten the text (or start the server with a lower --max_new_tokens)"
+            check_length(ner_prompt(text), args.max_new_tokens, f"texts[{i}]", fix)
         settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
         answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
@@ -324,6 +328,7 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        check_count(prompts, "prompt", "prompts")
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": now, "model": args.model_name}
         if request.stream:

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args
-from io_utils import UserError, run_cli
+from io_utils import UserError, read_json_object, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=16, help="inputs generated together")
     tokens = EVAL_DEFAULTS["max_new_tokens"]
     p.add_argument("--max_new_tokens", type=int, default=tokens, help="default and upper bound of max_tokens")
-    p.add_argument("--max_texts", type=int, default=64, help="most texts in one /v1/ner request")
+    p.add_argument(
+        "--max_texts", type=int, default=64, help="most texts (/v1/ner) or prompts (/v1/completions) per request"
+    )
     p.add_argument("--model_name", default="chinese-alpaca-ner", help="the model id /v1/models reports")
     args = p.parse_args(argv)
     for name in ("max_batch_size", "max_new_tokens", "max_texts"):
@@ -44,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be 0-65535")
+    if args.api_key is not None and not re.fullmatch(r"[!-~]+", args.api_key):
+        # HTTP headers are latin-1 bytes: a key of other characters could never match one
+        raise UserError('--api_key: use printable ASCII without spaces (e.g. --api_key "$(openssl rand -hex 16)")')
     return args
 
 
@@ -63,6 +69,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_token_budget(args: argparse.Namespace) -> None:
+    """--max_new_tokens must leave the model room for a prompt (model_utils.prompt_budget), checked before it loads."""
+    from model_utils import prompt_budget
+
+    config_file = Path(args.base_model) / "config.json"
+    if config_file.is_file():  # else load_from_args says what is wrong with the folder
+        config = SimpleNamespace(**read_json_object(config_file))
+        prompt_budget(SimpleNamespace(config=config), args.max_new_tokens)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import uvicorn  # FastAPI, torch and transformers: after the command line is read
@@ -70,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     from http_api import create_app
 
     args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
+    check_token_budget(args)
     sock = bind(args.host, args.port)
     model, tokenizer = load_from_args(args)
     app = create_app(model, tokenizer, args)

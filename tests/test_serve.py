@@ -6,12 +6,17 @@ Clients: httpx, the official openai client, and headless Debian chromium for the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import html
+import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import httpx
@@ -174,6 +179,70 @@ def test_concurrent_ner_requests_are_batched(server, client, memorized):
     assert after["largest_batch_requests"] > 1
 
 
+def test_health_answers_while_a_batch_runs(server, client):
+    """Generation runs off the event loop: /health answers, reporting the batch, while the batch's request waits."""
+    prompts = [build_prompt(f"写一篇很长的文章，第{i}篇。") for i in range(8)]  # 8 x --max_new_tokens (256)
+    body = {"prompt": prompts, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(httpx.post, server.url + "/v1/completions", json=body, headers=AUTH, timeout=300)
+        during = None
+        while during is None and not batch.done():
+            health = client.get("/health").json()
+            if health["running"]:  # set by the worker thread only while generate() runs
+                during = health
+        assert during is not None, "/health never answered while the batch ran"
+        assert during["running"] == 8 and during["queued"] == 0
+        assert batch.result().status_code == 200
+    assert client.get("/health").json()["running"] == 0
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_raw_sse_stream(client, memorized, endpoint):
+    """The bytes on the wire (the openai client hides them): data: events in OpenAI's chunk shape, then [DONE]."""
+    row = memorized["seen_rows"][1]
+    chat = endpoint == "chat/completions"
+    if chat:
+        body = {"messages": [{"role": "user", "content": f"{row['instruct']}\n{row['query']}"}]}
+    else:
+        body = {"prompt": build_prompt(row["instruct"], row["query"])}
+    with client.stream("POST", f"/v1/{endpoint}", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode("utf-8")
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""], raw[-200:]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    for c in chunks:
+        assert c["object"] == ("chat.completion.chunk" if chat else "text_completion")
+        assert c["id"] == chunks[0]["id"] and c["model"] == "chinese-alpaca-ner" and isinstance(c["created"], int)
+        assert len(c["choices"]) == 1 and c["choices"][0]["index"] == 0
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert reasons == [None] * (len(chunks) - 1) + ["stop"]
+    if chat:
+        assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks[:-1])
+        assert chunks[-1]["choices"][0]["delta"] == {}
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    else:
+        pieces = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(pieces) == row["answer"] and len([p for p in pieces if p]) > 1
+
+
+def test_sampling(client, memorized):
+    row = memorized["unseen_rows"][0]
+    prompt = build_prompt(row["instruct"], row["query"])
+
+    def choice(**sampling: float) -> dict:
+        response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 32, **sampling})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    sampled = choice(temperature=1, top_p=0.9)
+    assert isinstance(sampled["text"], str) and sampled["finish_reason"] in ("stop", "length")
+    # a nucleus of one token is the most likely token at every step, whatever the seed: greedy's answer
+    assert choice(temperature=2, top_p=1e-6)["text"] == choice(temperature=0)["text"]
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 MESSAGE = [{"role": "user", "content": "你好"}]
@@ -186,6 +255,7 @@ BAD_REQUESTS = {
     "texts-empty": ("/v1/ner", {"texts": []}, 400, "texts"),
     "text-blank": ("/v1/ner", {"texts": ["北京", " "]}, 400, "texts[1]"),
     "too-many-texts": ("/v1/ner", {"texts": ["北京"] * 9}, 400, "texts"),
+    "too-many-prompts": ("/v1/completions", {"prompt": ["你好"] * 9}, 400, "prompt"),
     "text-too-long": ("/v1/ner", {"texts": ["北京" * 400]}, 400, "texts[0]"),
     "body-over-1mb": ("/v1/ner", {"texts": ["北" * 400_000]}, 413, "body"),
     "max-tokens-negative": ("/v1/chat/completions", {"messages": MESSAGE, "max_tokens": -1}, 400, "max_tokens"),
@@ -217,6 +287,20 @@ def test_bad_request_is_a_4xx_json_error(client, case):
     error = response.json()["error"]
     assert name in error["message"] and "Traceback" not in response.text
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fix"),
+    [
+        ("/v1/ner", {"texts": ["北京" * 400]}, "--max_new_tokens"),  # /v1/ner has no max_tokens
+        ("/v1/completions", {"prompt": "北京" * 400, "max_tokens": 200}, "lower max_tokens"),
+    ],
+)
+def test_too_long_input_names_the_right_knob(client, path, body, fix):
+    response = client.post(path, json=body)
+    assert response.status_code == 400 and fix in response.json()["error"]["message"], response.text
+    if path == "/v1/ner":
+        assert "max_tokens" not in response.json()["error"]["message"].replace("--max_new_tokens", "")
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
@@ -252,28 +336,106 @@ def test_startup_errors(tmp_path, memorized):
         taken.listen()
         port = taken.getsockname()[1]
         assert_exit_2(["--base_model", str(memorized["base"]), "--port", str(port)], f"127.0.0.1:{port}", "--port")
+    # 512 positions (tiny_models): no room left for a prompt, refused before the model loads
+    argv = ["--base_model", str(memorized["base"]), "--only_cpu", "--port", "0", "--max_new_tokens", "512"]
+    assert_exit_2(argv, "max_new_tokens=512", "512 positions")
+    # HTTP headers are latin-1 bytes: a key of other characters could never be sent
+    assert_exit_2(["--base_model", str(memorized["base"]), "--api_key", "密钥"], "--api_key", "ASCII")
 
 
 # ---- the page ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (make setup installs it)")
-def test_page_highlights_entities_in_chromium(server, memorized):
-    def nested(pairs: set) -> bool:
-        return any(a != b and a in b for a, _ in pairs for b, _ in pairs)
+class MarkedText(HTMLParser):
+    """The characters of the page's <div id="result">, each with the types of the <mark>s around it."""
 
-    row = next(r for r in memorized["seen_rows"] if r["answer"] != "没有" and not nested(parse_entities(r["answer"])))
-    text = row["query"].removeprefix("文本：")
-    url = f"{server.url}/?text={quote(text)}#key={KEY}"
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.inside, self.types, self.chars = False, [], []
+        self.feed(dom)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "div" and ("id", "result") in attrs:
+            self.inside = True
+        elif self.inside and tag == "mark":
+            self.types.append(dict(attrs)["data-type"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.inside and tag == "mark":
+            self.types.pop()
+        elif tag == "div":
+            self.inside = False
+
+    def handle_data(self, data: str) -> None:
+        if self.inside:
+            self.chars += [(char, sorted(self.types)) for char in data]
+
+
+def expected_marks(text: str, found: list[dict]) -> list[tuple[str, list[str]]]:
+    """Each code point of text with the types of every entity span covering it."""
+    return [(c, sorted(e["type"] for e in found for s, t in e["spans"] if s <= i < t)) for i, c in enumerate(text)]
+
+
+def page_dom(url: str) -> str:
+    """The page's DOM after its script ran, in headless chromium."""
     cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000", "--dump-dom", url]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
-    marks = [
-        (html.unescape(name), kind) for kind, name in re.findall(r'<mark data-type="([^"]+)"[^>]*>([^<]*)</mark>', dom)
-    ]
-    gold = parse_entities(row["answer"])
-    assert set(marks) == gold
-    assert len(marks) == sum(len(occurrences(text, name)) for name, _ in gold)  # every occurrence
-    result = re.search(r'<div id="result">(.*?)</div>', dom, re.S).group(1)
-    assert html.unescape(re.sub(r"<[^>]+>", "", result)) == text  # the text, unchanged around the marks
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"chromium exited {proc.returncode} (a lone UTF-16 surrogate in the DOM crashes it)"
+    return proc.stdout
+
+
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian chromium not installed (make setup installs it)"
+)
+
+
+@needs_chromium
+def test_page_highlights_entities_in_chromium(server, memorized):
+    from http_api import entities
+
+    row = next(r for r in memorized["seen_rows"] if r["answer"] != "没有")
+    text = row["query"].removeprefix("文本：")
+    dom = page_dom(f"{server.url}/?text={quote(text)}#key={KEY}")
+    gold = entities(text, row["answer"])
+    assert MarkedText(dom).chars == expected_marks(text, gold)  # every occurrence, the text unchanged around them
+    assert all(e["spans"] for e in gold)
     assert html.unescape(re.search(r'<pre id="raw">(.*?)</pre>', dom, re.S).group(1)) == row["answer"]
-    assert all(f">{kind}</span>" in dom for _, kind in gold)  # the legend
+    assert all(f">{e['type']}</span>" in dom for e in gold)  # the legend
+
+
+@needs_chromium
+def test_page_nests_overlapping_entities_and_counts_code_points(tmp_path):
+    """A fixed answer served to the real page: contained spans nest, a crossing span is split at the end of
+    the one it starts in, and characters beyond UTF-16's first plane do not shift later marks."""
+    from http_api import PAGE, entities
+
+    text = "😀我在北京和日本，𠮷去了东京都。"
+    answer = "日_地名\n京_地名\n北京_地名\n东京_地名\n京都_地名\n我_人名"
+
+    class Stub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.reply("text/html", PAGE.read_bytes())
+
+        def do_POST(self) -> None:
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["texts"]
+            results = [{"text": t, "answer": answer, "entities": entities(t, answer)} for t in texts]
+            self.reply("application/json", json.dumps({"results": results}).encode())
+
+        def reply(self, kind: str, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Stub) as stub:
+        threading.Thread(target=stub.serve_forever, daemon=True).start()
+        dom = page_dom(f"http://127.0.0.1:{stub.server_address[1]}/?text={quote(text)}")
+        stub.shutdown()
+    marked = MarkedText(dom).chars
+    assert marked == expected_marks(text, entities(text, answer))
+    assert marked[4] == ("京", ["地名", "地名"])  # 京 inside 北京
+    assert marked[12:15] == [("东", ["地名"]), ("京", ["地名"] * 3), ("都", ["地名"])]  # 东京, 京, 京都
