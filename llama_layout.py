@@ -160,20 +160,6 @@ def params_to_config(params: dict, vocab_size: int, max_position_embeddings: int
     return config
 
 
-def expected_shapes(params: dict, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Full (unsharded) Meta tensor shapes implied by params.json."""
-    config = params_to_config(params, vocab)
-    dim, inter = config["hidden_size"], config["intermediate_size"]
-    kv_dim = dim // config["num_attention_heads"] * config["num_key_value_heads"]
-    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
-    for i in range(params["n_layers"]):
-        layer = {"attention.wq": (dim, dim), "attention.wk": (kv_dim, dim), "attention.wv": (kv_dim, dim)}
-        layer |= {"attention.wo": (dim, dim), "feed_forward.w1": (inter, dim), "feed_forward.w2": (dim, inter)}
-        layer |= {"feed_forward.w3": (inter, dim), "attention_norm": (dim,), "ffn_norm": (dim,)}
-        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in layer.items()}
-    return shapes
-
-
 def hf_expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Hugging Face LlamaForCausalLM tensor shapes implied by config.json (lm_head included even when tied)."""
     dim, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
@@ -187,6 +173,11 @@ def hf_expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         layer |= {"mlp.down_proj": (dim, inter), "input_layernorm": (dim,), "post_attention_layernorm": (dim,)}
         shapes |= {f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()}
     return shapes
+
+
+def expected_shapes(params: dict, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) Meta tensor shapes implied by params.json (each the shape of its HF tensor)."""
+    return {hf_to_meta_name(name): shape for name, shape in hf_expected_shapes(params_to_config(params, vocab)).items()}
 
 
 def rope_theta(config: dict) -> float:
