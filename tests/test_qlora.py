@@ -267,7 +267,9 @@ def test_peak_memory_is_split_where_the_model_is_built():
     import qlora_memory
 
     mb = 2**20
+    # the child holds b a moment: the peak is sampled every 50 ms and a reaped child has none
     code = f"a = b'x' * {300 * mb}; del a; print('trainable params: 0', flush=True); b = b'y' * {100 * mb}"
+    code += "; import time; time.sleep(0.5)"
     load, train, _ = qlora_memory.measure([sys.executable, "-c", code])
     assert load * 1e9 >= 300 * mb and 100 * mb <= train * 1e9 < 300 * mb, (load, train)
     with pytest.raises(SystemExit, match="failed"):  # the marker never came
