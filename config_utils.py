@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from io_utils import UserError, atomic_write_text, read_json_object
+from llama_ner.io_utils import UserError, atomic_write_text, read_json_object
 
 TRUE_WORDS = {"true", "1", "yes", "y", "on"}
 FALSE_WORDS = {"false", "0", "no", "n", "off"}

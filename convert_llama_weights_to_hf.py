@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import answer_help_first
-from io_utils import atomic_dir, read_json_object, run_cli
+from llama_ner.io_utils import atomic_dir, read_json_object, run_cli
 
 MODEL_SIZES = ["7B", "13B", "30B", "33B", "65B", "tokenizer_only"]
 
@@ -40,7 +40,7 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 
 import torch
 
-from llama_layout import (
+from llama_ner.weights.llama_layout import (
     expected_shapes,
     hf_sort_key,
     meta_shard_dim,
@@ -49,9 +49,9 @@ from llama_layout import (
     permute,
     rotary_heads,
 )
-from model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, tokenizer_claim
-from model_utils import ModelLoadError, load_tokenizer, save_tokenizer
-from tensor_io import (
+from llama_ner.weights.model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, tokenizer_claim
+from llama_ner.model_utils import ModelLoadError, load_tokenizer, save_tokenizer
+from llama_ner.weights.tensor_io import (
     SafetensorsShards,
     TensorInfo,
     TorchZipFile,

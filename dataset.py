@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from io_utils import UserError, read_lines
+from llama_ner.io_utils import UserError, read_lines
 
 if TYPE_CHECKING:
     import torch

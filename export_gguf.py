@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import answer_help_first
-from io_utils import check_output_file, run_cli
+from llama_ner.io_utils import check_output_file, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,11 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":  # answer --help before torch and numpy load (seconds)
     answer_help_first(parse_args)
 
-from llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
-from llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from model_files import check_model_files, input_files
-from model_utils import ModelLoadError, load_tokenizer, read_model_config
-from tensor_io import TensorSource, print_summary
+from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
+from llama_ner.weights.llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
+from llama_ner.weights.model_files import check_model_files, input_files
+from llama_ner.model_utils import ModelLoadError, load_tokenizer, read_model_config
+from llama_ner.weights.tensor_io import TensorSource, print_summary
 
 
 def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config_utils import answer_help_first
-from io_utils import atomic_dir, atomic_write_text, read_json_object, run_cli
+from llama_ner.io_utils import atomic_dir, atomic_write_text, read_json_object, run_cli
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -52,8 +52,8 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 
 import torch
 
-from llama_gguf import GGUF_FILE_NAME, write_gguf
-from llama_layout import (
+from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, write_gguf
+from llama_ner.weights.llama_layout import (
     IGNORED_HF_SUFFIXES,
     META_SHARDS_BY_DIM,
     config_to_params,
@@ -65,9 +65,9 @@ from llama_layout import (
     shard_pieces,
     unpermute,
 )
-from model_files import MODEL_SIZE_BY_DIM, check_model_files, check_output_dir, report_checksums, tokenizer_claim
-from model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, read_model_config, save_tokenizer
-from tensor_io import (
+from llama_ner.weights.model_files import MODEL_SIZE_BY_DIM, check_model_files, check_output_dir, report_checksums, tokenizer_claim
+from llama_ner.model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, read_model_config, save_tokenizer
+from llama_ner.weights.tensor_io import (
     SafetensorsShards,
     TensorInfo,
     TensorSource,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from config_utils import ConfigParser
 from dataset import NO_ENTITY, DataError, ner_row
-from io_utils import atomic_path, check_output_file, read_lines, run_cli
+from llama_ner.io_utils import atomic_path, check_output_file, read_lines, run_cli
 
 TYPE_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名", "NR": "人名", "NS": "地名", "NT": "机构名"}
 

@@ -24,8 +24,8 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args
-from io_utils import UserError, read_json_object, run_cli
+from llama_ner.generation.inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args
+from llama_ner.io_utils import UserError, read_json_object, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def check_token_budget(args: argparse.Namespace) -> None:
     """--max_new_tokens must leave the model room for a prompt (model_utils.prompt_budget), checked before it loads."""
-    from model_utils import prompt_budget
+    from llama_ner.model_utils import prompt_budget
 
     config_file = Path(args.base_model) / "config.json"
     if config_file.is_file():  # else load_from_args says what is wrong with the folder
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import uvicorn  # FastAPI, torch and transformers: after the command line is read
 
-    from http_api import create_app
+    from llama_ner.serving.http_api import create_app
 
     args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
     check_token_budget(args)

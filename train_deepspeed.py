@@ -17,8 +17,8 @@ from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
 from dataset import IGNORE_INDEX
-from io_utils import run_cli
-from train_config import TRAIN_DEFAULTS, parse_train_args
+from llama_ner.io_utils import run_cli
+from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
 DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
 if __name__ == "__main__":  # answer --help before torch and DeepSpeed load (seconds)
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from train_utils import (
+from llama_ner.training.train_utils import (
     TrainCollate,
     build_model,
     causal_lm_loss,

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
-from io_utils import run_cli
-from train_config import TRAIN_DEFAULTS, parse_train_args
+from llama_ner.io_utils import run_cli
+from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
 DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_trainer/"}  # adapter: save_dir/adapter_model
 if __name__ == "__main__":  # answer --help before torch and transformers load (seconds)
@@ -26,7 +26,7 @@ if __name__ == "__main__":  # answer --help before torch and transformers load (
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from train_utils import (
+from llama_ner.training.train_utils import (
     ADAPTER_DIR,
     STATE_FILE,
     TrainCollate,

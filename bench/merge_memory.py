@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from io_utils import run_measured  # noqa: E402
+from llama_ner.io_utils import run_measured  # noqa: E402
 
 WORK = ROOT / ".bench" / "merge"
 HIDDEN, HEADS, INTER, VOCAB = 2048, 16, 5504, 32000  # 7B's proportions at half the width
@@ -42,8 +42,8 @@ def make_base(out: Path, layers: int, vocab: str = "llama") -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from io_utils import atomic_dir
-    from tiny_models import tiny_llama_config, write_tokenizer
+    from llama_ner.io_utils import atomic_dir
+    from llama_ner.tiny_models import tiny_llama_config, write_tokenizer
 
     if (out / "config.json").is_file():
         return out
@@ -82,7 +82,7 @@ def input_paths(layers: int) -> tuple[Path, list[Path]]:
 
 
 def make_inputs(layers: int) -> None:
-    from tiny_models import make_tiny_chinese_loras
+    from llama_ner.tiny_models import make_tiny_chinese_loras
 
     base, loras = input_paths(layers)
     make_base(base, layers)
@@ -96,7 +96,7 @@ def seed_merge(base: str, loras: list[str], out: str) -> None:
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from model_utils import load_tokenizer
+    from llama_ner.model_utils import load_tokenizer
 
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float16)
     for path in loras:
@@ -108,7 +108,7 @@ def seed_merge(base: str, loras: list[str], out: str) -> None:
 
 
 def make_original(layers: int) -> None:
-    from tiny_models import make_tiny_original
+    from llama_ner.tiny_models import make_tiny_original
 
     out = WORK / f"orig-L{layers}"
     if not (out / "7B" / "params.json").is_file():

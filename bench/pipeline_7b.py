@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from io_utils import run_measured  # noqa: E402
+from llama_ner.io_utils import run_measured  # noqa: E402
 
 WORK = ROOT / ".bench" / "7b"
 MIN_FREE_GB = 60  # LoRAs 1.9 + HF 13.5 + merged HF 13.8 + one more 13.8 output (or the original), with margin
@@ -97,7 +97,7 @@ def make_inputs(work: Path, geometry: dict) -> None:
     """Random 7B original + the two Plus-shaped LoRAs (run in a child: it imports torch)."""
     from tqdm import tqdm
 
-    from tiny_models import make_tiny_chinese_loras, make_tiny_original
+    from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_original
 
     original = work / "original"
     if not (original / "7B" / "params.json").is_file():

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from io_utils import run_measured_phases  # noqa: E402
+from llama_ner.io_utils import run_measured_phases  # noqa: E402
 
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tiny_models import make_tiny_model, write_tokenizer  # noqa: E402
+from llama_ner.tiny_models import make_tiny_model, write_tokenizer  # noqa: E402
 
 MSRA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
 

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, import_script
 from dataset import load_data
-from io_utils import UserError, run_cli
+from llama_ner.io_utils import UserError, run_cli
 from memorize import train_memorized_lora
-from tiny_models import make_tiny_chinese_loras, make_tiny_original
+from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_original
 
 MSRA_ROWS = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
 MSRA_BIO = ROOT / "data" / "msra" / "ori_data" / "msra_test_bio.txt"
@@ -55,7 +55,7 @@ SCRIPTS = {
     "merge": "merge_llama_with_chinese_lora",
     "export": "export_gguf",
     "serve": "serve",
-    "tiny": "tiny_models",
+    "tiny": "llama_ner/tiny_models",
 }
 TRAIN = ["model_dir={tiny}", "train_path={dev}", "dev_path=", "deepspeed_json_path={ds}", "save_dir={out}/run"]
 TEST = ["--train_args_path={train_args}", "--output_dir={out}", "--max_new_tokens=4"]
@@ -352,6 +352,12 @@ def script_module(script: str):
     return _MODULES[script]
 
 
+def script_command(script: str) -> list[str]:
+    """How a user runs it: `SCRIPT.py` at the root, `-m llama_ner.MODULE` for the package's own command lines."""
+    name = SCRIPTS[script]
+    return ["-m", name.replace("/", ".")] if "/" in name else [f"{name}.py"]
+
+
 def must_not_start(*args, **kwargs):
     raise AssertionError("got past the input checks")
 
@@ -405,7 +411,7 @@ def test_bad_input_subprocess(name, world, tmp_path):
     out.mkdir()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, f"{SCRIPTS[case.script]}.py", *case_argv(case, world, out)],
+        [sys.executable, *script_command(case.script), *case_argv(case, world, out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -445,9 +451,9 @@ def test_stale_temporaries_reported_before_the_long_work(script, world, tmp_path
 
 
 HELP_WITHOUT_TORCH = """import runpy, sys
-sys.argv = ["tiny_models.py", "--help"]
+sys.argv = ["llama_ner/tiny_models.py", "--help"]
 try:
-    runpy.run_path("tiny_models.py", run_name="__main__")
+    runpy.run_module("llama_ner.tiny_models", run_name="__main__")
 except SystemExit:
     pass
 print("torch imported" if "torch" in sys.modules else "torch not imported")
@@ -472,7 +478,7 @@ def test_tiny_models_help_answers_before_torch_is_imported():
     ],
 )
 def test_config_geometry_is_checked(change, word, tiny_alpaca, tmp_path):
-    from model_utils import read_model_config
+    from llama_ner.model_utils import read_model_config
 
     config = json.loads((tiny_alpaca / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))

@@ -122,7 +122,7 @@ def test_saved_file_is_json_with_every_key(tmp_path):
 
 
 def test_help_shows_each_keys_meaning_from_the_comment_beside_its_default(capsys):
-    from train_config import TRAIN_DEFAULTS, parse_train_args
+    from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_train_args({**TRAIN_DEFAULTS, "save_dir": "x"}, "", ["--help"], source=str(ROOT / "train_deepspeed.py"))
@@ -138,7 +138,10 @@ HELP_WITHOUT_TORCH = """
 import runpy, sys
 sys.argv = [*sys.argv[1:], "--help"]
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    if sys.argv[0].endswith(".py"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:  # python -m PACKAGE.MODULE
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 except SystemExit as stop:
     assert stop.code in (0, None), stop.code
 print("torch imported" if "torch" in sys.modules else "torch not imported")
@@ -158,7 +161,7 @@ print("torch imported" if "torch" in sys.modules else "torch not imported")
         ("export_gguf.py", "the .gguf to write"),
         ("chat_ner.py", "each input is a sentence"),
         ("serve.py", "inputs generated together"),
-        ("ner_constraint.py", "the sentence to label"),
+        ("llama_ner.generation.ner_constraint", "the sentence to label"),
     ],
 )
 def test_help_answers_before_torch_is_imported(script, meaning):
@@ -178,7 +181,7 @@ def help_without_torch(*argv: str) -> str:
 @pytest.mark.parametrize("script", ["test.py", "predict.py"])
 def test_help_with_a_train_args_json_shows_the_training_keys_meanings(script, tmp_path):
     """With a real train_args.json, --help lists its training keys too, each with the comment from train_config.py."""
-    from train_config import TRAIN_DEFAULTS
+    from llama_ner.training.train_config import TRAIN_DEFAULTS
 
     train_args = tmp_path / "train_args.json"
     train_args.write_text(json.dumps({**TRAIN_DEFAULTS, "save_dir": str(tmp_path)}), encoding="utf-8")

@@ -15,9 +15,9 @@ import torch
 
 from conftest import MSRA, ROOT, import_script
 from dataset import build_prompt
-from io_utils import UserError
-from model_utils import generate_answers, load_model, load_tokenizer
-from ner_constraint import NerConstraint, TextGrammar, text_of_query, vocab_of
+from llama_ner.io_utils import UserError
+from llama_ner.model_utils import generate_answers, load_model, load_tokenizer
+from llama_ner.generation.ner_constraint import NerConstraint, TextGrammar, text_of_query, vocab_of
 
 
 @pytest.fixture(scope="session")
@@ -258,7 +258,7 @@ def test_test_py_bad_data_line(memorized, tmp_path):
 
 def fake_train_args(tmp_path) -> str:
     """A train_args.json whose model does not exist: enough for the checks that come before loading."""
-    from train_config import TRAIN_DEFAULTS
+    from llama_ner.training.train_config import TRAIN_DEFAULTS
 
     path = tmp_path / "train_args.json"
     run = {"model_dir": str(tmp_path / "no_model"), "save_dir": str(tmp_path), "dev_path": str(MSRA)}
@@ -418,7 +418,7 @@ def test_chat_missing_data_file(memorized, tmp_path):
 
 
 def test_chat_grows_embeddings_to_a_larger_tokenizer(tmp_path, alpaca_tokenizer_dir, monkeypatch, capsys):
-    from tiny_models import make_tiny_model
+    from llama_ner.tiny_models import make_tiny_model
 
     base = make_tiny_model(tmp_path / "tiny-chinese", "chinese")  # 49953 rows; Alpaca's tokenizer has 49954
     data = tmp_path / "inputs.txt"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from io_utils import (
+from llama_ner.io_utils import (
     UserError,
     atomic_dir,
     atomic_path,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama_layout import (
+from llama_ner.weights.llama_layout import (
     HF_TO_META,
     config_to_params,
     hf_to_meta_name,
@@ -22,8 +22,8 @@ from llama_layout import (
     split_sizes,
     unpermute,
 )
-from model_files import checksum_verdict
-from tensor_io import SafetensorsFile, SafetensorsShards, TensorInfo, TorchZipFile, TorchZipWriter, plan_shards
+from llama_ner.weights.model_files import checksum_verdict
+from llama_ner.weights.tensor_io import SafetensorsFile, SafetensorsShards, TensorInfo, TorchZipFile, TorchZipWriter, plan_shards
 
 
 def meta_rotary(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import import_script, read_hf_weights
-from model_utils import load_tokenizer
-from tiny_models import make_tiny_chinese_loras, make_tiny_model
+from llama_ner.model_utils import load_tokenizer
+from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_model
 
 merge = import_script("merge_llama_with_chinese_lora")
 convert = import_script("convert_llama_weights_to_hf")
@@ -368,7 +368,7 @@ def test_checksum_claims(inputs):
 
 def test_loras_built_from_the_original_checkpoint_merge(tmp_path):
     """The demo's order: original + LoRAs first (as downloaded), then convert, then merge."""
-    from tiny_models import make_tiny_original
+    from llama_ner.tiny_models import make_tiny_original
 
     original = make_tiny_original(tmp_path / "orig")
     llama_plus, alpaca_plus = make_tiny_chinese_loras(original, tmp_path)

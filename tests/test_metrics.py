@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metrics import format_table, parse_answer, parse_entities, prf, score
+from llama_ner.generation.metrics import format_table, parse_answer, parse_entities, prf, score
 
 
 def test_parse_entities_lines_and_none():

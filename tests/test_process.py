@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, import_script
 from dataset import NER_INSTRUCTION, DataError
-from io_utils import UserError
+from llama_ner.io_utils import UserError
 
 process = import_script("process")
 ORI = ROOT / "data/msra/ori_data"

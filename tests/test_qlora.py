@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, import_script
 from dataset import load_data
 from memorize import train_memorized_lora
-from model_utils import ModelLoadError, load_model, load_tokenizer
+from llama_ner.model_utils import ModelLoadError, load_model, load_tokenizer
 from test_train import (  # noqa: F401 - fixtures used by name
     DS_JSON,
     MSRA,
@@ -37,7 +37,7 @@ from test_train import (  # noqa: F401 - fixtures used by name
     script_stopped_before_model,
     train_args,
 )
-from train_utils import TrainCollate, build_model, causal_lm_loss
+from llama_ner.training.train_utils import TrainCollate, build_model, causal_lm_loss
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -179,7 +179,7 @@ PROJECTIONS_4BIT = 2 * 7  # the tiny model's 2 layers x 7 projections; embed_tok
 @pytest.fixture
 def loaded_models(monkeypatch) -> list[torch.nn.Module]:
     """The models test.py / predict.py load (inference.load_trained, spied on)."""
-    import inference
+    import llama_ner.generation.inference as inference
 
     models, load_trained = [], inference.load_trained
 
@@ -216,7 +216,7 @@ def test_predict_py_loads_the_4bit_base_by_default_and_not_with_quantization_bit
 @pytest.mark.slow
 def test_chat_ner_loads_the_4bit_base_by_default_and_not_with_load_in_kbits_16(memorized_4bit, monkeypatch, capsys):
     """chat_ner.py / serve.py (inference.load_from_args) take quantization_bit from the LoRA's train_args.json."""
-    import inference
+    import llama_ner.generation.inference as inference
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # load_from_args sets it; restored after the test
     chat = import_script("chat_ner")

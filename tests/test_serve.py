@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT
 from dataset import build_prompt
-from metrics import parse_entities
+from llama_ner.generation.metrics import parse_entities
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -68,7 +68,7 @@ def occurrences(text: str, entity: str) -> list[list[int]]:
 
 
 def test_entities_in_answer_order_with_every_span():
-    from http_api import entities
+    from llama_ner.serving.http_api import entities
 
     answer = "北京_地名\n上海_地名\n没有\n不是实体\n北京_地名\n京_地名"
     assert entities("北京和北京", answer) == [
@@ -104,9 +104,9 @@ def test_ner_answers_equal_test_py(client, ner_reference):
 def test_ner_constrained_by_default(client, memorized):
     """/v1/ner decodes under the NER constraint unless "constrained": false: the same answers as
     inference.ner_answers with and without the training data's types, on unseen texts."""
-    from inference import ner_answers
-    from model_utils import load_model, load_tokenizer
-    from ner_constraint import load_entity_types
+    from llama_ner.generation.inference import ner_answers
+    from llama_ner.model_utils import load_model, load_tokenizer
+    from llama_ner.generation.ner_constraint import load_entity_types
 
     texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
     constrained = [r["answer"] for r in ner(client, texts)]
@@ -391,7 +391,7 @@ needs_chromium = pytest.mark.skipif(
 
 @needs_chromium
 def test_page_highlights_entities_in_chromium(server, memorized):
-    from http_api import entities
+    from llama_ner.serving.http_api import entities
 
     row = next(r for r in memorized["seen_rows"] if r["answer"] != "没有")
     text = row["query"].removeprefix("文本：")
@@ -407,7 +407,7 @@ def test_page_highlights_entities_in_chromium(server, memorized):
 def test_page_nests_overlapping_entities_and_counts_code_points(tmp_path):
     """A fixed answer served to the real page: contained spans nest, a crossing span is split at the end of
     the one it starts in, and characters beyond UTF-16's first plane do not shift later marks."""
-    from http_api import PAGE, entities
+    from llama_ner.serving.http_api import PAGE, entities
 
     text = "😀我在北京和日本，𠮷去了东京都。"
     answer = "日_地名\n京_地名\n北京_地名\n东京_地名\n京都_地名\n我_人名"

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from demo import hard_train_argv
-from model_utils import load_model, load_tokenizer
-from tiny_models import make_tiny_model
-from train_config import LORA_TARGETS, TRAIN_DEFAULTS, parse_train_args
-from train_utils import (
+from llama_ner.model_utils import load_model, load_tokenizer
+from llama_ner.tiny_models import make_tiny_model
+from llama_ner.training.train_config import LORA_TARGETS, TRAIN_DEFAULTS, parse_train_args
+from llama_ner.training.train_utils import (
     TrainCollate,
     causal_lm_loss,
     check_resume,
@@ -280,7 +280,7 @@ def bf16_json(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
 def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, bf16_json, script):
-    import train_utils
+    import llama_ner.training.train_utils as train_utils
 
     module = import_script(script)
 
@@ -301,7 +301,7 @@ def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypat
 
 
 def test_bf16_unsupported_advice_fits_the_device(monkeypatch):
-    import train_utils
+    import llama_ner.training.train_utils as train_utils
 
     monkeypatch.setattr(train_utils, "bf16_supported", lambda cuda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100")
@@ -557,7 +557,7 @@ def test_check_resume_names_the_process_count(monkeypatch):
 
 def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, LoRA gradients, and how often the decoder layers' attention ran in one training step."""
-    from train_utils import build_model
+    from llama_ner.training.train_utils import build_model
 
     argv = [f"model_dir={model_dir}", "lora_dropout=0", *[f"{k}={v}" for k, v in overrides.items()]]
     model = build_model(train_args(argv), load_tokenizer(model_dir), "fp32")
@@ -585,7 +585,7 @@ def test_peft_path_continues_training_an_existing_lora(tiny_alpaca, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train_utils import build_model
+    from llama_ner.training.train_utils import build_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     existing = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_alpaca), config)

@@ -24,8 +24,8 @@ from typing import Any
 
 from transformers.generation.streamers import BaseStreamer
 
-from inference import ner_answers
-from model_utils import generate_answers
+from llama_ner.generation.inference import ner_answers
+from llama_ner.model_utils import generate_answers
 
 
 @dataclass

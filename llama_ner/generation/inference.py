@@ -25,10 +25,10 @@ from dataset import build_prompt, ner_row
 if TYPE_CHECKING:
     import torch
 
-    from ner_constraint import NerConstraint
+    from llama_ner.generation.ner_constraint import NerConstraint
 
-ROOT = Path(__file__).resolve().parent
-HELP_SOURCES = [ROOT / "train_config.py", ROOT / "inference.py"]  # where the keys' meanings are written
+PACKAGE = Path(__file__).resolve().parent.parent
+HELP_SOURCES = [PACKAGE / "training" / "train_config.py", PACKAGE / "generation" / "inference.py"]  # where the keys' meanings are written
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -88,8 +88,8 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    from model_files import check_model_files  # torch and transformers: after the command line is read
-    from model_utils import adapter_weights_file, load_model, load_tokenizer
+    from llama_ner.weights.model_files import check_model_files  # torch and transformers: after the command line is read
+    from llama_ner.model_utils import adapter_weights_file, load_model, load_tokenizer
 
     device = None if config.device in ("", "auto") else config.device
     check_gpu_visible(device)
@@ -140,8 +140,8 @@ def ner_answers(
     With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
     entity is in the sentence and whose type is one of `types`; None: plain decoding.
     """
-    from model_utils import generate_answers
-    from ner_constraint import NerConstraint
+    from llama_ner.model_utils import generate_answers
+    from llama_ner.generation.ner_constraint import NerConstraint
 
     prompts = [ner_prompt(text) for text in texts]
     constraint = NerConstraint(tokenizer, texts, types) if types else None
@@ -152,7 +152,7 @@ def ner_answers(
 
 def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
     """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
-    from ner_constraint import NerConstraint, load_entity_types, text_of_query
+    from llama_ner.generation.ner_constraint import NerConstraint, load_entity_types, text_of_query
 
     if not config.constrained:
         return None
@@ -164,7 +164,7 @@ def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]
 def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
     """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
     (its train_args.json's train_path), else MSRA's."""
-    from ner_constraint import load_entity_types
+    from llama_ner.generation.ner_constraint import load_entity_types
 
     config = adapter_train_args(args.lora_model)
     return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
@@ -219,8 +219,8 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 
 def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
-    from model_files import check_model_files
-    from model_utils import adapter_weights_file, load_model, load_tokenizer
+    from llama_ner.weights.model_files import check_model_files
+    from llama_ner.model_utils import adapter_weights_file, load_model, load_tokenizer
 
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
     check_model_files(args.base_model)

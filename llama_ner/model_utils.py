@@ -22,9 +22,9 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from dataset import fit_prompt
-from io_utils import UserError, atomic_write_bytes, atomic_write_text, read_json_object
-from llama_layout import parse_adapter_key
-from tensor_io import open_tensor_file
+from llama_ner.io_utils import UserError, atomic_write_bytes, atomic_write_text, read_json_object
+from llama_ner.weights.llama_layout import parse_adapter_key
+from llama_ner.weights.tensor_io import open_tensor_file
 
 PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
 QUANTIZATION_BITS = (0, 4, 8)  # quantization_bit: 0 = none, 4 = NF4 (QLoRA), 8 = LLM.int8 (bitsandbytes)

@@ -1,6 +1,6 @@
 """Write a LLaMA as one GGUF file (what llama.cpp loads today), one tensor at a time.
 
-    from llama_gguf import write_gguf
+    from llama_ner.weights.llama_gguf import write_gguf
     write_gguf(path, entries, produce, config, tokenizer)   # entries: [(hf_name, TensorInfo)], in order
 
 Architecture `llama`; hyperparameters from the HF config; matrices fp16, norms fp32; q/k back
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from io_utils import atomic_path
-from llama_layout import map_name, rope_theta, rotary_heads, unpermute
-from tensor_io import TensorInfo
+from llama_ner.io_utils import atomic_path
+from llama_ner.weights.llama_layout import map_name, rope_theta, rotary_heads, unpermute
+from llama_ner.weights.tensor_io import TensorInfo
 
 if TYPE_CHECKING:
     from gguf import GGUFWriter
 
-    from model_utils import LlamaSentencePieceTokenizer
+    from llama_ner.model_utils import LlamaSentencePieceTokenizer
 
 # HF name -> GGUF name (llama.cpp's LLM_ARCH_LLAMA tensor names). `{}` is the layer number.
 HF_TO_GGUF = {

@@ -3,7 +3,7 @@
 Pure functions shared by convert_llama_weights_to_hf.py, merge_llama_with_chinese_lora.py
 and the GGUF export. Names follow a key-map table with `{}` for the layer number.
 
-    from llama_layout import hf_to_meta_name, unpermute, merge_lora_weight
+    from llama_ner.weights.llama_layout import hf_to_meta_name, unpermute, merge_lora_weight
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from io_utils import UserError, peak_rss_mb
+from llama_ner.io_utils import UserError, peak_rss_mb
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from io_utils import check_output_dir_path, read_json_object, report_stale_temporaries, sha256_file
-from llama_layout import hf_expected_shapes
-from model_utils import ModelLoadError, read_model_config
-from tensor_io import SafetensorsFile, TorchZipFile, open_tensor_file
+from llama_ner.io_utils import check_output_dir_path, read_json_object, report_stale_temporaries, sha256_file
+from llama_ner.weights.llama_layout import hf_expected_shapes
+from llama_ner.model_utils import ModelLoadError, read_model_config
+from llama_ner.weights.tensor_io import SafetensorsFile, TorchZipFile, open_tensor_file
 
 TensorReader = SafetensorsFile | TorchZipFile
 

@@ -1,6 +1,6 @@
 """Tiny random LLaMA models with the real tokenizers, for tests, the demo and benchmarks.
 
-    python tiny_models.py --out_dir model_hub/tiny-alpaca --vocab alpaca
+    python -m llama_ner.tiny_models --out_dir model_hub/tiny-alpaca --vocab alpaca
 
 A model's size never changes the code path, so a 2-layer, hidden-64 model exercises
 everything but speed. Weights come from the library's own initializer: random norm
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config_utils import answer_help_first
-from io_utils import atomic_dir, check_output_dir_path, run_cli
+from llama_ner.io_utils import atomic_dir, check_output_dir_path, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,12 +35,12 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 
 import torch
 
-from llama_layout import expected_shapes, params_to_config, shard_pieces
-from model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
-from tensor_io import TensorInfo, TorchZipWriter
-from train_config import LORA_TARGETS
+from llama_ner.weights.llama_layout import expected_shapes, params_to_config, shard_pieces
+from llama_ner.model_utils import build_chinese_sp_model, load_tokenizer, save_tokenizer
+from llama_ner.weights.tensor_io import TensorInfo, TorchZipWriter
+from llama_ner.training.train_config import LORA_TARGETS
 
-HUB = Path(__file__).resolve().parent / "model_hub"
+HUB = Path(__file__).resolve().parent.parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"
 CHINESE_SP = HUB / "chinese_sp.model"
 

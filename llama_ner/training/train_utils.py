@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from config_utils import Config, ConfigError, load_config, print_config, save_config
 from dataset import IGNORE_INDEX, NerCollate, load_data
-from io_utils import UserError, atomic_dir, check_output_dir_path
-from model_files import check_model_files
-from model_utils import (
+from llama_ner.io_utils import UserError, atomic_dir, check_output_dir_path
+from llama_ner.weights.model_files import check_model_files
+from llama_ner.model_utils import (
     adapter_weights_file,
     check_adapter_fits,
     check_model_dir,
@@ -42,7 +42,7 @@ from model_utils import (
     match_vocab,
     pretrained_kwargs,
 )
-from train_config import TRAIN_DEFAULTS
+from llama_ner.training.train_config import TRAIN_DEFAULTS
 
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
 STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config

@@ -1,0 +1,1 @@
+"""serve.py's FastAPI app, its request batcher and its page (web/index.html). Imports generation and below."""
