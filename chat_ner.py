@@ -22,7 +22,14 @@ from typing import Any
 
 from config_utils import answer_help_first, convert_value
 from dataset import DataError, build_prompt
-from llama_ner.generation.inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args, ner_answers, ner_prompt
+from llama_ner.generation.inference import (
+    EVAL_DEFAULTS,
+    adapter_entity_types,
+    add_model_args,
+    load_from_args,
+    ner_answers,
+    ner_prompt,
+)
 from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
 
 CHAT_DECODING = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.3, "max_new_tokens": 400}
@@ -75,8 +82,8 @@ if __name__ == "__main__":  # answer --help before torch and transformers load (
 
 import torch
 
+from llama_ner.generation.generate import generate_answers
 from llama_ner.weights.model_files import input_files
-from llama_ner.model_utils import generate_answers
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -40,6 +40,8 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 
 import torch
 
+from llama_ner.io_utils import ModelLoadError
+from llama_ner.tokenizer import load_tokenizer, save_tokenizer
 from llama_ner.weights.llama_layout import (
     expected_shapes,
     hf_sort_key,
@@ -50,7 +52,6 @@ from llama_ner.weights.llama_layout import (
     rotary_heads,
 )
 from llama_ner.weights.model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, tokenizer_claim
-from llama_ner.model_utils import ModelLoadError, load_tokenizer, save_tokenizer
 from llama_ner.weights.tensor_io import (
     SafetensorsShards,
     TensorInfo,

@@ -65,7 +65,10 @@ def hard_train_argv(model_dir: str | Path, train_path: str | Path, save_dir: str
 
 def build_inputs() -> None:
     """The files a user downloads, in their real layout, at tiny scale (random weights)."""
-    from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_original  # in a child: this process stays small
+    from llama_ner.tiny_models import (  # in a child: this process stays small
+        make_tiny_chinese_loras,
+        make_tiny_original,
+    )
 
     make_tiny_original(TINY, dim=128)  # hidden 128: room enough to memorize 16 answers quickly
     make_tiny_chinese_loras(TINY, TINY)

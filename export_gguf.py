@@ -33,10 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":  # answer --help before torch and numpy load (seconds)
     answer_help_first(parse_args)
 
+from llama_ner.io_utils import ModelLoadError
+from llama_ner.tokenizer import load_tokenizer
 from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
 from llama_ner.weights.llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
-from llama_ner.weights.model_files import check_model_files, input_files
-from llama_ner.model_utils import ModelLoadError, load_tokenizer, read_model_config
+from llama_ner.weights.model_files import check_model_files, input_files, read_model_config
 from llama_ner.weights.tensor_io import TensorSource, print_summary
 
 

@@ -52,6 +52,8 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 
 import torch
 
+from llama_ner.io_utils import ModelLoadError
+from llama_ner.tokenizer import LlamaSentencePieceTokenizer, load_tokenizer, save_tokenizer
 from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_ner.weights.llama_layout import (
     IGNORED_HF_SUFFIXES,
@@ -65,8 +67,14 @@ from llama_ner.weights.llama_layout import (
     shard_pieces,
     unpermute,
 )
-from llama_ner.weights.model_files import MODEL_SIZE_BY_DIM, check_model_files, check_output_dir, report_checksums, tokenizer_claim
-from llama_ner.model_utils import LlamaSentencePieceTokenizer, ModelLoadError, load_tokenizer, read_model_config, save_tokenizer
+from llama_ner.weights.model_files import (
+    MODEL_SIZE_BY_DIM,
+    check_model_files,
+    check_output_dir,
+    read_model_config,
+    report_checksums,
+    tokenizer_claim,
+)
 from llama_ner.weights.tensor_io import (
     SafetensorsShards,
     TensorInfo,

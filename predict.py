@@ -19,8 +19,8 @@ from typing import Any
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
 from llama_ner.generation.inference import answer_constraint, load_trained, resolve_config, row_prompt
-from llama_ner.io_utils import read_lines, run_cli
 from llama_ner.generation.metrics import score
+from llama_ner.io_utils import read_lines, run_cli
 
 PREDICT_DEFAULTS = {
     "predict_path": "",  # '' = the built-in examples; else instruction JSON lines or plain text lines
@@ -85,7 +85,7 @@ def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> Non
 def main(argv: list[str] | None = None) -> list[str]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.model_utils import generate_answers  # torch and transformers: after the command line is read
+    from llama_ner.model_loading import generate_answers  # torch and transformers: after the command line is read
 
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:

@@ -70,8 +70,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def check_token_budget(args: argparse.Namespace) -> None:
-    """--max_new_tokens must leave the model room for a prompt (model_utils.prompt_budget), checked before it loads."""
-    from llama_ner.model_utils import prompt_budget
+    """--max_new_tokens must leave the model room for a prompt (generate.prompt_budget), checked before it loads."""
+    from llama_ner.generation.generate import prompt_budget
 
     config_file = Path(args.base_model) / "config.json"
     if config_file.is_file():  # else load_from_args says what is wrong with the folder

@@ -19,8 +19,8 @@ from typing import Any
 from config_utils import ConfigError, print_config
 from dataset import load_data
 from llama_ner.generation.inference import adapter_dir, answer_constraint, load_trained, resolve_config, row_prompt
-from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 from llama_ner.generation.metrics import format_table, score
+from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
 OUTPUT_FILES = ("test_predictions.jsonl", "test_metrics.json")
 TEST_DEFAULTS = {
@@ -46,7 +46,7 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.model_utils import generate_answers  # torch and transformers: after the command line is read
+    from llama_ner.model_loading import generate_answers  # torch and transformers: after the command line is read
 
     if not config.dev_path:
         raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")

@@ -28,26 +28,22 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama_ner.training.train_utils import (
-    TrainCollate,
-    build_model,
-    causal_lm_loss,
-    check_inputs,
-    deepspeed_config,
-    init_distributed,
-    is_main_process,
-    load_train_tokenizer,
-    print_run_config,
-    rank,
-    read_deepspeed_json,
+from llama_ner.training.checkpoints import (
     remove_old_checkpoints,
-    resolve_precision,
     resume_state,
     run_summary,
     save_adapter,
     state_to_resume,
-    world_size,
 )
+from llama_ner.training.checks import (
+    check_inputs,
+    deepspeed_config,
+    print_run_config,
+    read_deepspeed_json,
+    resolve_precision,
+)
+from llama_ner.training.model import TrainCollate, build_model, causal_lm_loss, load_train_tokenizer
+from llama_ner.training.processes import init_distributed, is_main_process, rank, world_size
 
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
 

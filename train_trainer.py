@@ -26,29 +26,27 @@ if __name__ == "__main__":  # answer --help before torch and transformers load (
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from llama_ner.training.train_utils import (
+from llama_ner.training.checkpoints import (
     ADAPTER_DIR,
     STATE_FILE,
-    TrainCollate,
-    build_model,
-    causal_lm_loss,
-    check_inputs,
-    deepspeed_config,
-    init_distributed,
-    is_main_process,
-    load_train_tokenizer,
-    print_run_config,
-    read_deepspeed_json,
-    resolve_precision,
     resume_state,
     run_summary,
     save_adapter,
     state_to_resume,
 )
+from llama_ner.training.checks import (
+    check_inputs,
+    deepspeed_config,
+    print_run_config,
+    read_deepspeed_json,
+    resolve_precision,
+)
+from llama_ner.training.model import TrainCollate, build_model, causal_lm_loss, load_train_tokenizer
+from llama_ner.training.processes import init_distributed, is_main_process
 
 
 class LoraTrainer(Trainer):
-    """The Trainer with our loss: logits only where labels are (see train_utils.causal_lm_loss)."""
+    """The Trainer with our loss: logits only where labels are (see training.model.causal_lm_loss)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
 

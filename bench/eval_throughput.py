@@ -30,10 +30,12 @@ import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from dataset import build_prompt, load_data  # noqa: E402
+from llama_ner.generation.generate import generate_answers  # noqa: E402
 from llama_ner.generation.metrics import parse_answer  # noqa: E402
-from llama_ner.model_utils import generate_answers, load_model, load_tokenizer  # noqa: E402
 from llama_ner.generation.ner_constraint import NerConstraint, text_of_query  # noqa: E402
+from llama_ner.model_loading import load_model  # noqa: E402
 from llama_ner.tiny_models import make_tiny_model  # noqa: E402
+from llama_ner.tokenizer import load_tokenizer  # noqa: E402
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float]:

@@ -96,7 +96,7 @@ def seed_merge(base: str, loras: list[str], out: str) -> None:
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from llama_ner.model_utils import load_tokenizer
+    from llama_ner.tokenizer import load_tokenizer
 
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float16)
     for path in loras:

@@ -73,7 +73,9 @@ def run_training(bits: int, base: Path, rows: Path, ds_path: Path) -> tuple[floa
 def libraries_only() -> float:
     """Peak RSS of a process that only imports what training imports (no model): the part of
     each training peak that does not scale with the model."""
-    code = "import torch, transformers, peft, deepspeed, bitsandbytes, train_utils; print('trainable params: 0')"
+    imports = "import torch, transformers, peft, deepspeed, bitsandbytes, llama_ner.training.model"
+    code = f"{imports}; print('trainable params: 0')"
+
     load, _, _ = measure([sys.executable, "-c", code])
     return load
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from dataset import load_data  # noqa: E402
-from serve import ServerProcess  # noqa: E402
 from llama_ner.tiny_models import make_tiny_model  # noqa: E402
+from serve import ServerProcess  # noqa: E402
 
 
 async def run_clients(url: str, texts: list[str], clients: int) -> tuple[float, list[float], list[str]]:

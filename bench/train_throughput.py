@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataset import IGNORE_INDEX, NerCollate, load_data  # noqa: E402
-from llama_ner.model_utils import load_tokenizer  # noqa: E402
 from llama_ner.tiny_models import make_tiny_model  # noqa: E402
+from llama_ner.tokenizer import load_tokenizer  # noqa: E402
+from llama_ner.training.model import TrainCollate, build_model  # noqa: E402
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args  # noqa: E402
-from llama_ner.training.train_utils import TrainCollate, build_model  # noqa: E402
 
 MODEL = ROOT / ".bench" / "tiny-4x256"
 DATA = ROOT / "tests" / "data" / "msra_dev_instruct.txt"

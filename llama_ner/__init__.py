@@ -2,9 +2,9 @@
 
     io_utils, tokenizer   base: one-line user errors, atomic writes, checksums; loading tokenizers
     weights/              weight files: formats, Meta <-> HF layout, checks, GGUF (imports only the base)
-    model_utils           loading a model for training or inference (base, weights)
-    training/             the trainers' shared code (base, weights, model_utils)
-    generation/           generation, NER answers and their scores (base, weights, model_utils)
+    model_loading         loading a model for training or inference (base, weights)
+    training/             the trainers' shared code (base, weights, model_loading)
+    generation/           generation, NER answers and their scores (base, weights, model_loading)
     serving/              serve.py's HTTP app and its batcher (generation and below)
     tiny_models           tiny random models for tests, the demo and benchmarks (any layer but serving)
 

@@ -309,3 +309,7 @@ def run_measured_phases(cmd: list[str], marker: str, **popen_kwargs: Any) -> tup
     proc.wait()
     watcher.join()
     return proc.returncode, time.perf_counter() - start, peaks, "".join(output)
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer directory that cannot be used."""

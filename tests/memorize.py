@@ -20,8 +20,8 @@ import torch
 from config_utils import Config, save_config
 from dataset import NerCollate
 from demo import MEMORIZE_OVERRIDES
+from llama_ner.training.model import causal_lm_loss
 from llama_ner.training.train_config import TRAIN_DEFAULTS
-from llama_ner.training.train_utils import causal_lm_loss
 
 
 def train_args(base_dir: Path, save_dir: Path, dev_path: Path, rows: int, epochs: int) -> dict[str, Any]:
@@ -47,8 +47,9 @@ def train_memorized_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llama_ner.model_utils import load_tokenizer, pretrained_kwargs
-    from llama_ner.training.train_utils import prepare_kbit
+    from llama_ner.model_loading import pretrained_kwargs
+    from llama_ner.tokenizer import load_tokenizer
+    from llama_ner.training.model import prepare_kbit
 
     args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
     args["quantization_bit"] = quantization_bit

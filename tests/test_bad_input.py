@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, import_script
 from dataset import load_data
 from llama_ner.io_utils import UserError, run_cli
-from memorize import train_memorized_lora
 from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_original
+from memorize import train_memorized_lora
 
 MSRA_ROWS = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
 MSRA_BIO = ROOT / "data" / "msra" / "ori_data" / "msra_test_bio.txt"
@@ -478,7 +478,7 @@ def test_tiny_models_help_answers_before_torch_is_imported():
     ],
 )
 def test_config_geometry_is_checked(change, word, tiny_alpaca, tmp_path):
-    from llama_ner.model_utils import read_model_config
+    from llama_ner.weights.model_files import read_model_config
 
     config = json.loads((tiny_alpaca / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import import_script, read_hf_weights
-from llama_ner.model_utils import load_tokenizer
 from llama_ner.tiny_models import make_tiny_original
+from llama_ner.tokenizer import load_tokenizer
 
 convert = import_script("convert_llama_weights_to_hf")
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from dataset import IGNORE_INDEX, PROMPT_TEMPLATE, DataError, NerCollate, build_prompt, load_data
-from llama_ner.model_utils import load_tokenizer
+from llama_ner.tokenizer import load_tokenizer
 
 MSRA = ROOT / "tests/data/msra_dev_instruct.txt"
 COLUMNS = ("instruct", "query", "answer")
@@ -110,8 +110,8 @@ def test_truncation_ends_when_the_instruction_alone_is_too_long(tokenizer, rows)
 
 
 def test_training_config_pads_to_a_multiple(tokenizer, rows):
+    from llama_ner.training.model import TrainCollate
     from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
-    from llama_ner.training.train_utils import TrainCollate
 
     args = parse_train_args(TRAIN_DEFAULTS, "", ["pad_to_multiple_of=8", "max_seq_length=256"])
     batch = TrainCollate(args, tokenizer).collate_fn(rows)
@@ -120,8 +120,8 @@ def test_training_config_pads_to_a_multiple(tokenizer, rows):
 
 
 def test_inference_cuts_long_inputs_as_training_does(tokenizer, rows, capsys):
+    from llama_ner.generation.generate import encode_prompts
     from llama_ner.io_utils import UserError
-    from llama_ner.model_utils import encode_prompts
 
     short, long = rows[0], dict(rows[1], query=rows[1]["query"] * 50)
     prompts = [build_prompt(r["instruct"], r["query"]) for r in (short, long)]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, import_script, read_hf_weights
-from llama_ner.model_utils import load_tokenizer
 from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_model
+from llama_ner.tokenizer import load_tokenizer
 
 merge = import_script("merge_llama_with_chinese_lora")
 export = import_script("export_gguf")
@@ -239,8 +239,8 @@ def llama_accepts_grammar(llm, grammar: str) -> bool:
 
 @pytest.mark.slow
 def test_gbnf_constrains_llama_cpp(alpaca, tmp_path):
-    """`python -m llama_ner.generation.ner_constraint --text T --out F --prompt_out P` (no line limit, the default): llama.cpp
-    parses F, and the tiny random model's answers under it are valid. GBNF cannot forbid a repeated
+    """`python -m llama_ner.generation.ner_constraint --text T --out F --prompt_out P` (no line limit, the
+    default): llama.cpp parses F, and the tiny random model's answers under it are valid. GBNF cannot forbid a repeated
     line (docs/gguf.md says so): repeats are allowed, every line is checked on its own, strictly."""
     from llama_cpp import LlamaGrammar
 
@@ -252,7 +252,15 @@ def test_gbnf_constrains_llama_cpp(alpaca, tmp_path):
     vocab = vocab_of(load_tokenizer(alpaca["huggingface"]))
     assert not llama_accepts_grammar(llm, 'root ::= "a" b')  # an undefined rule: the check can fail
     texts = ["北京是中国的首都。", '记者张犇在New York 分社说："A_B"。'] + [r["query"][3:] for r in msra_rows(3)]
-    cli = [sys.executable, "-m", "llama_ner.generation.ner_constraint", "--text", texts[1], "--out", str(tmp_path / "ner.gbnf")]
+    cli = [
+        sys.executable,
+        "-m",
+        "llama_ner.generation.ner_constraint",
+        "--text",
+        texts[1],
+        "--out",
+        str(tmp_path / "ner.gbnf"),
+    ]
     proc = subprocess.run([*cli, "--prompt_out", str(tmp_path / "prompt.txt")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr

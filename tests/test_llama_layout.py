@@ -23,7 +23,14 @@ from llama_ner.weights.llama_layout import (
     unpermute,
 )
 from llama_ner.weights.model_files import checksum_verdict
-from llama_ner.weights.tensor_io import SafetensorsFile, SafetensorsShards, TensorInfo, TorchZipFile, TorchZipWriter, plan_shards
+from llama_ner.weights.tensor_io import (
+    SafetensorsFile,
+    SafetensorsShards,
+    TensorInfo,
+    TorchZipFile,
+    TorchZipWriter,
+    plan_shards,
+)
 
 
 def meta_rotary(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import import_script, read_hf_weights
-from llama_ner.model_utils import load_tokenizer
 from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_model
+from llama_ner.tokenizer import load_tokenizer
 
 merge = import_script("merge_llama_with_chinese_lora")
 convert = import_script("convert_llama_weights_to_hf")

@@ -9,10 +9,19 @@ import pytest
 import torch
 
 from conftest import ROOT
-from llama_ner.io_utils import UserError
+from llama_ner.generation.generate import decode_new_tokens
 from llama_ner.generation.metrics import parse_answer
-from llama_ner.model_utils import decode_new_tokens, load_tokenizer
-from llama_ner.generation.ner_constraint import NerConstraint, State, TextGrammar, gbnf, load_entity_types, main, vocab_of
+from llama_ner.generation.ner_constraint import (
+    NerConstraint,
+    State,
+    TextGrammar,
+    gbnf,
+    load_entity_types,
+    main,
+    vocab_of,
+)
+from llama_ner.io_utils import UserError
+from llama_ner.tokenizer import load_tokenizer
 
 MSRA_TYPES = ("人名", "地名", "机构名")
 TEXTS = [

@@ -20,8 +20,11 @@ import torch
 
 from conftest import ROOT, import_script
 from dataset import load_data
+from llama_ner.io_utils import ModelLoadError
+from llama_ner.model_loading import load_model
+from llama_ner.tokenizer import load_tokenizer
+from llama_ner.training.model import TrainCollate, build_model, causal_lm_loss
 from memorize import train_memorized_lora
-from llama_ner.model_utils import ModelLoadError, load_model, load_tokenizer
 from test_train import (  # noqa: F401 - fixtures used by name
     DS_JSON,
     MSRA,
@@ -37,7 +40,6 @@ from test_train import (  # noqa: F401 - fixtures used by name
     script_stopped_before_model,
     train_args,
 )
-from llama_ner.training.train_utils import TrainCollate, build_model, causal_lm_loss
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -105,8 +105,9 @@ def test_ner_constrained_by_default(client, memorized):
     """/v1/ner decodes under the NER constraint unless "constrained": false: the same answers as
     inference.ner_answers with and without the training data's types, on unseen texts."""
     from llama_ner.generation.inference import ner_answers
-    from llama_ner.model_utils import load_model, load_tokenizer
     from llama_ner.generation.ner_constraint import load_entity_types
+    from llama_ner.model_loading import load_model
+    from llama_ner.tokenizer import load_tokenizer
 
     texts = [r["query"].removeprefix("文本：") for r in memorized["unseen_rows"][:4]]
     constrained = [r["answer"] for r in ner(client, texts)]

@@ -7,7 +7,8 @@ import pytest
 import sentencepiece as spm
 
 from conftest import ROOT
-from llama_ner.model_utils import ModelLoadError, build_chinese_sp_model, load_tokenizer, save_tokenizer
+from llama_ner.io_utils import ModelLoadError
+from llama_ner.tokenizer import build_chinese_sp_model, load_tokenizer, save_tokenizer
 
 LLAMA_SP = ROOT / "model_hub/tokenizer.model"
 CHINESE_SP = ROOT / "model_hub/chinese_sp.model"

@@ -24,18 +24,14 @@ from safetensors.torch import load_file
 from conftest import ROOT, import_script
 from dataset import IGNORE_INDEX, NerCollate, load_data
 from demo import hard_train_argv
-from llama_ner.model_utils import load_model, load_tokenizer
+from llama_ner.model_loading import load_model
 from llama_ner.tiny_models import make_tiny_model
+from llama_ner.tokenizer import load_tokenizer
+from llama_ner.training.checkpoints import check_resume, state_to_resume
+from llama_ner.training.checks import deepspeed_config, resolve_precision
+from llama_ner.training.model import TrainCollate, causal_lm_loss
+from llama_ner.training.processes import free_port
 from llama_ner.training.train_config import LORA_TARGETS, TRAIN_DEFAULTS, parse_train_args
-from llama_ner.training.train_utils import (
-    TrainCollate,
-    causal_lm_loss,
-    check_resume,
-    deepspeed_config,
-    free_port,
-    resolve_precision,
-    state_to_resume,
-)
 
 # One interpreter path for every run: DeepSpeed's JIT cache is keyed on the include paths, so a
 # symlinked venv would rebuild the ops each time the path changes.
@@ -280,14 +276,14 @@ def bf16_json(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("script", ["train_trainer", "train_deepspeed"])
 def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypatch, tiny_alpaca, bf16_json, script):
-    import llama_ner.training.train_utils as train_utils
+    import llama_ner.training.checks as checks
 
     module = import_script(script)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("got past the precision check")
 
-    monkeypatch.setattr(train_utils, "bf16_supported", lambda cuda: False)  # e.g. a V100
+    monkeypatch.setattr(checks, "bf16_supported", lambda cuda: False)  # e.g. a V100
     monkeypatch.setattr(module, "init_distributed", must_not_run)
     monkeypatch.setattr(module, "build_model", must_not_run)
     argv = [f"model_dir={tiny_alpaca}", f"train_path={MSRA}", "dev_path=", f"save_dir={tmp_path / 'out'}"]
@@ -301,9 +297,9 @@ def test_bf16_where_unsupported_fails_before_any_model_loads(tmp_path, monkeypat
 
 
 def test_bf16_unsupported_advice_fits_the_device(monkeypatch):
-    import llama_ner.training.train_utils as train_utils
+    import llama_ner.training.checks as checks
 
-    monkeypatch.setattr(train_utils, "bf16_supported", lambda cuda: False)
+    monkeypatch.setattr(checks, "bf16_supported", lambda cuda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100")
     with pytest.raises(SystemExit) as gpu:
         resolve_precision({"bf16": {"enabled": True}}, cuda=True)
@@ -557,7 +553,7 @@ def test_check_resume_names_the_process_count(monkeypatch):
 
 def lora_grads(model_dir: Path, batch: dict, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, LoRA gradients, and how often the decoder layers' attention ran in one training step."""
-    from llama_ner.training.train_utils import build_model
+    from llama_ner.training.model import build_model
 
     argv = [f"model_dir={model_dir}", "lora_dropout=0", *[f"{k}={v}" for k, v in overrides.items()]]
     model = build_model(train_args(argv), load_tokenizer(model_dir), "fp32")
@@ -585,7 +581,7 @@ def test_peft_path_continues_training_an_existing_lora(tiny_alpaca, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llama_ner.training.train_utils import build_model
+    from llama_ner.training.model import build_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     existing = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_alpaca), config)

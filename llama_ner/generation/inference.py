@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from llama_ner.generation.ner_constraint import NerConstraint
 
 PACKAGE = Path(__file__).resolve().parent.parent
-HELP_SOURCES = [PACKAGE / "training" / "train_config.py", PACKAGE / "generation" / "inference.py"]  # where the keys' meanings are written
+HELP_SOURCES = [
+    PACKAGE / "training" / "train_config.py",
+    PACKAGE / "generation" / "inference.py",
+]  # where the keys' meanings are written
 
 EVAL_DEFAULTS = {
     "train_args_path": "",  # '' = ./checkpoint/{data_name}/train_trainer/adapter_model/train_args.json
@@ -88,8 +91,12 @@ def adapter_dir(config: Config) -> Path | None:
 
 def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    from llama_ner.weights.model_files import check_model_files  # torch and transformers: after the command line is read
-    from llama_ner.model_utils import adapter_weights_file, load_model, load_tokenizer
+    from llama_ner.model_loading import load_model
+    from llama_ner.tokenizer import load_tokenizer
+    from llama_ner.weights.model_files import (
+        adapter_weights_file,
+        check_model_files,  # torch and transformers: after the command line is read
+    )
 
     device = None if config.device in ("", "auto") else config.device
     check_gpu_visible(device)
@@ -140,7 +147,7 @@ def ner_answers(
     With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
     entity is in the sentence and whose type is one of `types`; None: plain decoding.
     """
-    from llama_ner.model_utils import generate_answers
+    from llama_ner.generation.generate import generate_answers
     from llama_ner.generation.ner_constraint import NerConstraint
 
     prompts = [ner_prompt(text) for text in texts]
@@ -219,8 +226,9 @@ def tokenizer_dir(args: argparse.Namespace) -> str:
 
 def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
-    from llama_ner.weights.model_files import check_model_files
-    from llama_ner.model_utils import adapter_weights_file, load_model, load_tokenizer
+    from llama_ner.model_loading import load_model
+    from llama_ner.tokenizer import load_tokenizer
+    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
 
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
     check_model_files(args.base_model)

@@ -2,7 +2,7 @@
 
     constraint = NerConstraint(tokenizer, texts, ("人名", "地名", "机构名"))   # texts[i]: prompt i's text
     answers = generate_answers(model, tokenizer, prompts, constraint=constraint)
-    python -m llama_ner.generation.ner_constraint --text 北京是中国的首都。 --out ner.gbnf         # the grammar for llama.cpp
+    python -m llama_ner.generation.ner_constraint --text 北京是中国的首都。 --out ner.gbnf   # the grammar for llama.cpp
 
 The answers allowed, over the bytes the answer tokens spell (sentencepiece's `▁` is a space,
 a `<0xNN>` piece is one byte, so byte-fallback pieces work like any other):
@@ -38,8 +38,8 @@ from typing import Any
 
 from config_utils import answer_help_first
 from dataset import NO_ENTITY, QUERY_PREFIX, build_prompt, load_data, ner_row
-from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, run_cli
 from llama_ner.generation.metrics import ENTITY_TYPES, parse_line
+from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

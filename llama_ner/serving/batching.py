@@ -7,7 +7,7 @@
 One worker thread owns the model. It takes the oldest waiting job, adds every other waiting
 job of the same kind and settings while the batch holds at most `max_batch_size` inputs,
 generates them together (NER through `inference.ner_answers`, as test.py-equivalent code
-does; free text through `model_utils.generate_answers`) and hands each job its own answers.
+does; free text through `generation.generate.generate_answers`) and hands each job its own answers.
 Requests that arrive while a batch runs wait and form the next batch. Greedy answers do not
 depend on the batch (left padding, fp32: tests/test_inference.py). A streamed job runs alone.
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 from transformers.generation.streamers import BaseStreamer
 
+from llama_ner.generation.generate import generate_answers
 from llama_ner.generation.inference import ner_answers
-from llama_ner.model_utils import generate_answers
 
 
 @dataclass

@@ -27,10 +27,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from llama_ner.serving.batching import Batcher, Job
 from dataset import NO_ENTITY, PROMPT_TEMPLATE, build_prompt
 from llama_ner.generation.inference import ner_prompt
 from llama_ner.generation.metrics import parse_line
+from llama_ner.serving.batching import Batcher, Job
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413

@@ -27,7 +27,7 @@ from llama_ner.weights.tensor_io import TensorInfo
 if TYPE_CHECKING:
     from gguf import GGUFWriter
 
-    from llama_ner.model_utils import LlamaSentencePieceTokenizer
+    from llama_ner.tokenizer import LlamaSentencePieceTokenizer
 
 # HF name -> GGUF name (llama.cpp's LLM_ARCH_LLAMA tensor names). `{}` is the layer number.
 HF_TO_GGUF = {

@@ -1,5 +1,5 @@
-"""Checks on the model files a script reads and writes: published checksums, output directory, weight files
-(found, complete).
+"""Checks on the model files a script reads and writes: config.json (a LLaMA's geometry), published
+checksums, output directory, weight files and a LoRA folder's (found, complete).
 
 Shared by the converters (convert, merge, export_gguf) and, for weight files, by training and evaluation.
 
@@ -11,11 +11,92 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from llama_ner.io_utils import check_output_dir_path, read_json_object, report_stale_temporaries, sha256_file
+from llama_ner.io_utils import (
+    ModelLoadError,
+    check_output_dir_path,
+    read_json_object,
+    report_stale_temporaries,
+    sha256_file,
+)
 from llama_ner.weights.llama_layout import hf_expected_shapes
-from llama_ner.model_utils import ModelLoadError, read_model_config
 from llama_ner.weights.tensor_io import SafetensorsFile, TorchZipFile, open_tensor_file
+
+# config.json keys a LLaMA needs; a missing one would make transformers fall back to 7B's default geometry
+REQUIRED_CONFIG_KEYS = {
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "vocab_size": int,
+    "rms_norm_eps": float,
+}
+
+
+OPTIONAL_CONFIG_KEYS = {"num_key_value_heads": int, "head_dim": int, "max_position_embeddings": int}
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a Hugging Face LLaMA directory: readable JSON holding the geometry keys, each a positive
+    number; anything else is one line naming the file and the key."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{path}: no config.json; expected a Hugging Face model directory "
+            "(convert with convert_llama_weights_to_hf.py, then merge_llama_with_chinese_lora.py)"
+        )
+    config = read_json_object(config_file, error=ModelLoadError)
+    fix = "the file is incomplete or not a LLaMA config; copy it again from where the model came from"
+    for key, kind in (REQUIRED_CONFIG_KEYS | OPTIONAL_CONFIG_KEYS).items():
+        if key not in config or (config[key] is None and key in OPTIONAL_CONFIG_KEYS):
+            if key in REQUIRED_CONFIG_KEYS:
+                raise ModelLoadError(f"{config_file}: missing key {key!r}; {fix}")
+            continue
+        value = config[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value <= 0 or (kind is int and not isinstance(value, int)):
+            raise ModelLoadError(f"{config_file}: {key} is {value!r}, expected a positive {kind.__name__}; {fix}")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv_heads or (not config.get("head_dim") and config["hidden_size"] % heads):
+        raise ModelLoadError(
+            f"{config_file}: hidden_size {config['hidden_size']}, num_attention_heads {heads} and "
+            f"num_key_value_heads {kv_heads} do not divide; {fix}"
+        )
+    return config
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory whose config.json holds a LLaMA's geometry (`read_model_config`)."""
+    read_model_config(path)
+    return Path(path)
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Read each weight file's header and compare the sizes it gives with the file's: a cut or damaged
+    download is one line naming the file, before anything loads or is written."""
+    for file in files:
+        open_tensor_file(file)
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_weights_file(adapter_dir: str | Path) -> Path:
+    """adapter_model.safetensors (or .bin) of a LoRA folder whose adapter_config.json is readable."""
+    adapter_dir = Path(adapter_dir)
+    fix = "pass the folder holding adapter_config.json and adapter_model.safetensors (e.g. save_dir/adapter_model)"
+    read_json_object(adapter_dir / "adapter_config.json", fix, ModelLoadError)
+    found = next((adapter_dir / n for n in ADAPTER_WEIGHTS if (adapter_dir / n).is_file()), None)
+    if found is None:
+        raise ModelLoadError(
+            f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin: the LoRA folder has no weights; "
+            "copy them from where the adapter was trained or downloaded"
+        )
+    check_weight_files([found])
+    return found
+
 
 TensorReader = SafetensorsFile | TorchZipFile
 

@@ -1,0 +1,113 @@
+"""Batched greedy generation: prompts encoded as in training, cut to the model's positions, answers decoded
+up to EOS.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from dataset import fit_prompt
+from llama_ner.io_utils import UserError
+from llama_ner.tokenizer import LlamaSentencePieceTokenizer
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: LlamaSentencePieceTokenizer,
+    prompts: list[str],
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    progress: bool = True,
+    constraint: Any = None,
+    **gen_kwargs: Any,
+) -> list[str]:
+    """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
+
+    Prompts are tokenized as in training (BOS, no EOS), sorted by length so a batch holds
+    similar lengths, left-padded, and generated with the KV cache until `</s>` or
+    max_new_tokens. Only the generated tokens up to the first `</s>` are decoded.
+    `constraint` (e.g. ner_constraint.NerConstraint) limits what each answer may be: its
+    `processor(indices, prompt_width)` masks the logits of a batch, its `close(index, answer)`
+    finishes an answer that max_new_tokens cut.
+    """
+    from tqdm import tqdm
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
+    answers: list[str] = [""] * len(prompts)
+    starts = range(0, len(order), max(1, batch_size))
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
+        index = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in index)
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in index], device=device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index], device=device
+        )
+        if constraint is not None:
+            extra = list(gen_kwargs.get("logits_processor") or [])
+            settings["logits_processor"] = LogitsProcessorList([*extra, constraint.processor(index, width)])
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                **settings,
+            )
+        for row, i in enumerate(index):
+            ids = output[row, width:].tolist()
+            answers[i] = decode_new_tokens(tokenizer, ids)
+            if constraint is not None and tokenizer.eos_token_id not in ids:
+                answers[i] = constraint.close(i, answers[i])
+    return answers
+
+
+def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may have: the model's positions minus max_new_tokens (None: the model sets no limit)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if max_new_tokens >= positions:
+        raise UserError(
+            f"max_new_tokens={max_new_tokens} leaves no room for the input: the model takes {positions} positions "
+            "in all; lower max_new_tokens"
+        )
+    return positions - max_new_tokens
+
+
+def encode_prompts(
+    model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer, prompts: list[str], max_new_tokens: int
+) -> list[list[int]]:
+    """Token ids of each prompt, cut (the query's end, as training cuts) to fit the model with max_new_tokens.
+
+    Prints one warning naming the inputs that were cut. Every entry point that generates calls this.
+    """
+    budget = prompt_budget(model, max_new_tokens)
+    if budget is None:
+        return [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    fitted = [fit_prompt(tokenizer, p, budget) for p in prompts]
+    cut = [i + 1 for i, (_, was_cut) in enumerate(fitted) if was_cut]
+    if cut:
+        shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(
+            f"warning: {len(cut)} input(s) longer than the model takes were cut to {budget} tokens (the end of the "
+            f"query dropped, as in training): the model has {budget + max_new_tokens} positions, max_new_tokens="
+            f"{max_new_tokens}; input(s) {shown}",
+            file=sys.stderr,
+        )
+    return [ids for ids, _ in fitted]
+
+
+def decode_new_tokens(tokenizer: LlamaSentencePieceTokenizer, ids: list[int]) -> str:
+    """Text of generated ids up to (not including) the first `</s>`, stripped."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
