@@ -85,7 +85,7 @@ def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> Non
 def main(argv: list[str] | None = None) -> list[str]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.model_loading import generate_answers  # torch and transformers: after the command line is read
+    from llama_ner.generation.generate import generate_answers  # torch and transformers: after the command line is read
 
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:

@@ -46,7 +46,7 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.model_loading import generate_answers  # torch and transformers: after the command line is read
+    from llama_ner.generation.generate import generate_answers  # torch and transformers: after the command line is read
 
     if not config.dev_path:
         raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
