@@ -26,6 +26,7 @@ from llama_ner.generation.inference import (
     EVAL_DEFAULTS,
     adapter_entity_types,
     add_model_args,
+    args_prompt_format,
     load_from_args,
     ner_answers,
     ner_prompt,
@@ -138,8 +139,8 @@ def describe_decoding(settings: dict[str, Any], ner: bool) -> str:
 def make_prompt(text: str, args: argparse.Namespace) -> str:
     """The model input for one user input."""
     if args.ner:
-        return ner_prompt(text)
-    return build_prompt(text) if args.with_prompt else text
+        return ner_prompt(text, args.fmt)
+    return build_prompt(text, "", args.fmt) if args.with_prompt else text
 
 
 def respond(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namespace, settings: dict, **kw) -> list[str]:
@@ -148,10 +149,19 @@ def respond(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namesp
     if args.ner:
         types = args.types if args.constrained else None
         return ner_answers(
-            model, tokenizer, inputs, args.batch_size, settings["max_new_tokens"], types=types, **kw, **gen
+            model,
+            tokenizer,
+            inputs,
+            args.batch_size,
+            settings["max_new_tokens"],
+            types=types,
+            fmt=args.fmt,
+            **kw,
+            **gen,
         )
     prompts = [make_prompt(text, args) for text in inputs]
-    return generate_answers(model, tokenizer, prompts, args.batch_size, settings["max_new_tokens"], **kw, **gen)
+    fmt = {"prompt_format": args.fmt} if args.with_prompt else {}
+    return generate_answers(model, tokenizer, prompts, args.batch_size, settings["max_new_tokens"], **fmt, **kw, **gen)
 
 
 def read_inputs(path: str) -> list[str]:
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
+    args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
     if args.ner and args.constrained:
         args.types = adapter_entity_types(args)
     if args.interactive:

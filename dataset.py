@@ -1,19 +1,23 @@
-"""Instruction data: loading, the Alpaca prompt, and the training collate function.
+"""Instruction data: loading, the prompt (alpaca, the tokenizer's chat template, or raw), and the training
+collate function.
 
     rows = load_data("data/msra/instruct_data/train.txt")
-    prompt = build_prompt(rows[0]["instruct"], rows[0]["query"])
+    prompt = build_prompt(rows[0]["instruct"], rows[0]["query"])                  # the Alpaca prompt
+    prompt = build_prompt(rows[0]["instruct"], rows[0]["query"], prompt_format("chat", tokenizer))
     batch = NerCollate(args, tokenizer).collate_fn(rows[:12])
 
-Training and every inference script build prompts with `build_prompt`, so the text a
-model is trained on is exactly the text it is asked at test time.
+Training and every inference script build prompts with `build_prompt` and the format training used
+(train_args.json's prompt_template), so the text a model is trained on is exactly the text it is asked.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from config_utils import ConfigError
 from llama_ner.io_utils import UserError, read_lines
 
 if TYPE_CHECKING:
@@ -33,6 +37,7 @@ PROMPT_TEMPLATE = (
 )
 
 IGNORE_INDEX = -100
+PROMPT_TEMPLATES = ("alpaca", "chat", "raw")  # prompt_template's values
 
 
 class DataError(UserError):
@@ -41,10 +46,57 @@ class DataError(UserError):
     prefix = "data error"
 
 
-def build_prompt(instruct: str, query: str = "") -> str:
-    """The Alpaca prompt for one row: instruction, then the query on its own line."""
-    instruction = f"{instruct}\n{query}" if query else instruct
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+@dataclass(frozen=True)
+class PromptFormat:
+    """A prompt is head + instruction (+ newline + query) + tail; the answer follows the tail. A prompt too long
+    for the model loses the end of its query, never the tail."""
+
+    name: str
+    head: str
+    tail: str
+
+    def build(self, instruct: str, query: str = "") -> str:
+        return self.head + (f"{instruct}\n{query}" if query else instruct) + self.tail
+
+
+ALPACA = PromptFormat("alpaca", *PROMPT_TEMPLATE.split("{instruction}"))
+RAW = PromptFormat("raw", "", "\n")  # instruction and text as they are, the answer on the next line
+
+
+def prompt_format(name: str = "alpaca", tokenizer: Any = None) -> PromptFormat:
+    """alpaca (the seed's prompt), chat (the tokenizer's chat template: one user turn, then the assistant's),
+    or raw."""
+    if name == "alpaca":
+        return ALPACA
+    if name == "raw":
+        return RAW
+    if name != "chat":
+        raise ConfigError(f"prompt_template={name!r}: use one of {', '.join(PROMPT_TEMPLATES)}")
+    if not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise ConfigError(
+            f"prompt_template=chat: the tokenizer of {where} has no chat template (tokenizer_config.json "
+            "chat_template or chat_template.jinja); use prompt_template=alpaca or raw"
+        )
+    marker = "\x00INSTRUCTION\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    head, _, tail = without_added_bos(tokenizer, text).partition(marker)
+    return PromptFormat("chat", head, tail)
+
+
+def without_added_bos(tokenizer: Any, text: str) -> str:
+    """A chat template's text without its leading BOS when the tokenizer adds one itself (no second BOS)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.encode("a", add_special_tokens=True)[:1] == [tokenizer.bos_token_id]:
+        return text[len(bos) :]
+    return text
+
+
+def build_prompt(instruct: str, query: str = "", fmt: PromptFormat = ALPACA) -> str:
+    """The prompt for one row: instruction, then the query on its own line, in `fmt` (Alpaca's by default)."""
+    return fmt.build(instruct, query)
 
 
 def ner_row(text: str, answer: str | None = None) -> dict[str, str]:
@@ -82,22 +134,24 @@ def load_data(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict[str,
     return rows
 
 
-def encode_example(tokenizer, prompt: str, answer: str, max_seq_length: int) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer, prompt: str, answer: str, max_seq_length: int, tail: str = ALPACA.tail
+) -> tuple[list[int], list[int]]:
     """Token ids and labels for one row, at most max_seq_length long.
 
     The prompt is tokenized whole (as at inference). When the row is too long the
     prompt's tail (the query) is cut by characters and re-tokenized, so the answer and
-    `</s>` are always kept whole.
+    EOS (the tokenizer's) are always kept whole; `tail` is the prompt format's (PromptFormat.tail).
     """
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     answer_ids = answer_ids[: max_seq_length - 1]  # only an absurdly long answer loses its end
-    prompt_ids, _ = fit_prompt(tokenizer, prompt, max_seq_length - len(answer_ids))
+    prompt_ids, _ = fit_prompt(tokenizer, prompt, max_seq_length - len(answer_ids), tail)
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     return input_ids, labels
 
 
-def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
+def fit_prompt(tokenizer, prompt: str, budget: int, tail: str = ALPACA.tail) -> tuple[list[int], bool]:
     """(ids, cut): the prompt's token ids (BOS first), its query's end cut when it is longer than `budget`.
 
     Training and every inference entry point (test, predict, chat, the server) cut the same way.
@@ -105,12 +159,13 @@ def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     if len(ids) <= budget:
         return ids, False
-    return truncate_prompt(tokenizer, prompt, budget), True
+    return truncate_prompt(tokenizer, prompt, budget, tail), True
 
 
-def truncate_prompt(tokenizer, prompt: str, budget: int) -> list[int]:
-    """Longest prompt whose query part fits `budget` tokens (binary search on characters)."""
-    head, sep, tail = prompt.rpartition("\n\n### Response: ")
+def truncate_prompt(tokenizer, prompt: str, budget: int, tail: str = ALPACA.tail) -> list[int]:
+    """Longest prompt whose query part (before the format's `tail`) fits `budget` tokens (binary search on
+    characters)."""
+    head, sep, tail = prompt.rpartition(tail) if tail and tail in prompt else (prompt, "", "")
     lo, hi = 0, min(len(head), 32 * budget)  # a token spans at most 16 characters: longer cannot fit
     while lo < hi:  # largest cut of `head` that fits
         mid = (lo + hi + 1) // 2
@@ -134,11 +189,12 @@ class NerCollate:
         self.max_seq_length = args.max_seq_length
         self.pad_to_multiple_of = getattr(args, "pad_to_multiple_of", 1) or 1
         self.tokenizer = tokenizer
+        self.format = prompt_format(getattr(args, "prompt_template", "alpaca"), tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-        prompt = build_prompt(row[self.instruct_column], row.get(self.query_column) or "")
-        return encode_example(self.tokenizer, prompt, row[self.response_column], self.max_seq_length)
+        prompt = build_prompt(row[self.instruct_column], row.get(self.query_column) or "", self.format)
+        return encode_example(self.tokenizer, prompt, row[self.response_column], self.max_seq_length, self.format.tail)
 
     def collate_fn(self, batch: list[dict[str, Any] | str]) -> dict[str, torch.Tensor]:
         import torch  # here, not at the top: process.py and --help need only the data format

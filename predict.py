@@ -18,7 +18,13 @@ from typing import Any
 
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
-from llama_ner.generation.inference import answer_constraint, load_trained, resolve_config, row_prompt
+from llama_ner.generation.inference import (
+    answer_constraint,
+    config_prompt_format,
+    load_trained,
+    resolve_config,
+    row_prompt,
+)
 from llama_ner.generation.metrics import score
 from llama_ner.io_utils import read_lines, run_cli
 
@@ -91,10 +97,17 @@ def main(argv: list[str] | None = None) -> list[str]:
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
-    prompts = [row_prompt(r, config) for r in rows]
+    fmt = config_prompt_format(config, tokenizer)
+    prompts = [row_prompt(r, config, fmt) for r in rows]
     constraint = answer_constraint(config, tokenizer, rows)
     predictions = generate_answers(
-        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint
+        model,
+        tokenizer,
+        prompts,
+        config.eval_batch_size,
+        config.max_new_tokens,
+        constraint=constraint,
+        prompt_format=fmt,
     )
     show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]

@@ -24,7 +24,13 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from llama_ner.generation.inference import EVAL_DEFAULTS, adapter_entity_types, add_model_args, load_from_args
+from llama_ner.generation.inference import (
+    EVAL_DEFAULTS,
+    adapter_entity_types,
+    add_model_args,
+    args_prompt_format,
+    load_from_args,
+)
 from llama_ner.io_utils import UserError, read_json_object, run_cli
 
 
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     check_token_budget(args)
     sock = bind(args.host, args.port)
     model, tokenizer = load_from_args(args)
+    args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
     app = create_app(model, tokenizer, args)
     host, port = sock.getsockname()[:2]
     print(f"serving {args.model_name} on http://{host}:{port} (page: /, API: /v1/...)", flush=True)

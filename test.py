@@ -18,7 +18,14 @@ from typing import Any
 
 from config_utils import ConfigError, print_config
 from dataset import load_data
-from llama_ner.generation.inference import adapter_dir, answer_constraint, load_trained, resolve_config, row_prompt
+from llama_ner.generation.inference import (
+    adapter_dir,
+    answer_constraint,
+    config_prompt_format,
+    load_trained,
+    resolve_config,
+    row_prompt,
+)
 from llama_ner.generation.metrics import format_table, score
 from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
@@ -59,10 +66,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
     start = time.perf_counter()
-    prompts = [row_prompt(r, config) for r in rows]
+    fmt = config_prompt_format(config, tokenizer)
+    prompts = [row_prompt(r, config, fmt) for r in rows]
     constraint = answer_constraint(config, tokenizer, rows)
     predictions = generate_answers(
-        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint
+        model,
+        tokenizer,
+        prompts,
+        config.eval_batch_size,
+        config.max_new_tokens,
+        constraint=constraint,
+        prompt_format=fmt,
     )
     seconds = time.perf_counter() - start
     metrics = score([r[config.response_column] for r in rows], predictions)

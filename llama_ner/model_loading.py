@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from llama_ner.io_utils import ModelLoadError
-from llama_ner.tokenizer import LlamaSentencePieceTokenizer
+from llama_ner.tokenizer import LlamaSentencePieceTokenizer, is_sentencepiece
 from llama_ner.weights.llama_layout import parse_adapter_key
 from llama_ner.weights.model_files import adapter_weights_file, check_model_dir
 from llama_ner.weights.tensor_io import open_tensor_file
@@ -92,9 +92,24 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path, model_di
         )
 
 
-def match_vocab(model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer) -> None:
-    """Grow the embeddings to the tokenizer (as the original scripts do); refuse to shrink them."""
+def check_vocab_fits(tokenizer: Any, rows: int, model_dir: str | Path) -> None:
+    """A tokenizer.json tokenizer must fit the embedding: ids past its rows would index nothing. (Rows past the
+    tokenizer are padding, as many such models have; a sentencepiece tokenizer larger than the model is the
+    Chinese vocabulary extension, which match_vocab grows the embeddings for.)"""
+    if not is_sentencepiece(tokenizer) and len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows "
+            "(config.json vocab_size): pass the tokenizer that came with this model"
+        )
+
+
+def match_vocab(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Grow the embeddings to a sentencepiece tokenizer (as the original scripts do); refuse to shrink them.
+    A tokenizer.json model keeps its rows (extra rows are padding)."""
     rows = model.get_input_embeddings().weight.shape[0]
+    check_vocab_fits(tokenizer, rows, getattr(model.config, "_name_or_path", "the model"))
+    if not is_sentencepiece(tokenizer):
+        return
     if len(tokenizer) > rows:
         print(f"resizing embeddings {rows} -> {len(tokenizer)} to match the tokenizer")
         model.resize_token_embeddings(len(tokenizer))

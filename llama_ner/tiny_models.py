@@ -22,7 +22,7 @@ from llama_ner.io_utils import atomic_dir, check_output_dir_path, run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", required=True, help="the model folder to write (replaced when it exists)")
-    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca"])
+    parser.add_argument("--vocab", default="alpaca", choices=["llama", "chinese", "alpaca", "smollm2"])
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--num_hidden_layers", type=int, default=2)
     parser.add_argument("--num_attention_heads", type=int, default=4)
@@ -43,18 +43,24 @@ from llama_ner.weights.tensor_io import TensorInfo, TorchZipWriter
 HUB = Path(__file__).resolve().parent.parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"
 CHINESE_SP = HUB / "chinese_sp.model"
+SMOLLM2_TOKENIZER = HUB / "smollm2-tokenizer"  # SmolLM2-135M-Instruct's byte-level BPE, as import_gguf.py writes it
 
 
 def write_tokenizer(out_dir: str | Path, vocab: str = "alpaca") -> Path:
-    """Write a tokenizer directory: vocab 'llama' (32000), 'chinese' (49953) or 'alpaca' (49954)."""
+    """Write a tokenizer directory: vocab 'llama' (32000), 'chinese' (49953), 'alpaca' (49954) sentencepiece,
+    or 'smollm2' (49152, tokenizer.json with a chat template)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if vocab == "smollm2":
+        for file in SMOLLM2_TOKENIZER.iterdir():
+            (out_dir / file.name).write_bytes(file.read_bytes())
+        return out_dir
     if vocab == "llama":
         data = LLAMA_SP.read_bytes()
     elif vocab in ("chinese", "alpaca"):
         data = build_chinese_sp_model(LLAMA_SP, CHINESE_SP, add_pad=vocab == "alpaca")
     else:
-        raise ValueError(f"vocab must be llama, chinese or alpaca, not {vocab!r}")
+        raise ValueError(f"vocab must be llama, chinese, alpaca or smollm2, not {vocab!r}")
     (out_dir / "tokenizer.model").write_bytes(data)
     save_tokenizer(load_tokenizer(out_dir), out_dir)
     return out_dir
@@ -94,7 +100,9 @@ def make_tiny_model(out_dir: str | Path, vocab: str = "alpaca", seed: int = 0, *
     with atomic_dir(out_dir) as tmp:
         tokenizer = load_tokenizer(write_tokenizer(tmp, vocab))
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **geometry))
+        config = tiny_llama_config(len(tokenizer), **geometry)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        model = LlamaForCausalLM(config)
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)  # save_pretrained may not rewrite these; keep ours last
     return out_dir

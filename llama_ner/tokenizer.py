@@ -1,7 +1,10 @@
-"""Tokenizers: loading and saving a model folder's tokenizer.
+"""Tokenizers: loading and saving a model folder's tokenizer, sentencepiece (`tokenizer.model`) or a
+`tokenizer.json` (byte-level BPE: Llama-3-style models, SmolLM2), and the bytes each token spells.
 
-    tokenizer = load_tokenizer("model_hub/chinese-alpaca-7b")
+    tokenizer = load_tokenizer("model_hub/chinese-alpaca-7b")      # or model_hub/smollm2-135m-instruct
 
+A folder with tokenizer.model is read with sentencepiece, whatever else it holds; one with only
+tokenizer.json through transformers' `tokenizers` backend, BOS/EOS/pad from its own files.
 The sentencepiece tokenizer runs sentencepiece itself: the Chinese LLaMA/Alpaca models were trained on
 sentencepiece's ids, and transformers 5's default (a `tokenizers` BPE rebuilt from the same file) splits
 some Chinese text differently (`了我们`). tests/test_tokenizer.py checks parity on MSRA.
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sentencepiece import sentencepiece_model_pb2
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from llama_ner.io_utils import ModelLoadError, atomic_write_bytes, atomic_write_text, read_json_object
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PAD_TOKEN = "[PAD]"  # the pad piece Chinese-Alpaca appends (id 49953)
 
@@ -69,7 +75,90 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, error=ModelLoadError) if path.is_file() else {}
 
 
-def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder (or a tokenizer.model file): sentencepiece when tokenizer.model is there,
+    else tokenizer.json; neither is one line naming the folder."""
+    path = Path(path)
+    if path.is_file() or (path / "tokenizer.model").is_file():
+        return load_sentencepiece(path)
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer_json(path)
+    raise ModelLoadError(
+        f"{path}: no tokenizer.model (sentencepiece) or tokenizer.json found: pass the folder the model's "
+        "tokenizer files are in (--tokenizer_path / tokenizer_dir), or copy them beside the weights"
+    )
+
+
+def load_tokenizer_json(folder: Path) -> PreTrainedTokenizerBase:
+    """tokenizer.json (+ tokenizer_config.json, chat template) through transformers; pad is the tokenizer's
+    own pad token, else its EOS (never a training target: labels mask padding)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # tokenizers' parse errors, a config naming an unknown class
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{folder / 'tokenizer.json'}: transformers cannot load it ({reason})") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(
+            f"{folder}: the tokenizer names no eos_token: set it in tokenizer_config.json (training ends every "
+            "answer with it, generation stops at it)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_sentencepiece(tokenizer: Any) -> bool:
+    return hasattr(tokenizer, "sp_model")
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The bytes each id spells in generated text (None: a special or unused token, never text).
+
+    Sentencepiece: `▁` is a space, `<0xNN>` one byte. tokenizer.json: byte-level BPE maps each of 256
+    printable stand-ins back to its byte (GPT-2's table), a metaspace vocabulary like sentencepiece.
+    One Chinese character may take two tokens, one token two characters: callers work on bytes.
+    """
+    out: list[bytes | None] = [None] * len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    if is_sentencepiece(tokenizer):
+        sp = tokenizer.sp_model
+        for i in range(sp.get_piece_size()):
+            if i in special or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            piece = sp.id_to_piece(i)
+            out[i] = bytes([int(piece[3:5], 16)]) if sp.is_byte(i) else piece.replace("▁", " ").encode()
+        return out
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    decoder = {ch: b for b, ch in byte_stand_ins().items()}
+    added = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    for token, i in tokenizer.get_vocab().items():
+        if i in special or i in added or i >= len(out):
+            continue
+        if byte_level:
+            out[i] = bytes(decoder[ch] for ch in token) if all(ch in decoder for ch in token) else token.encode()
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            out[i] = bytes([int(token[3:5], 16)])
+        else:
+            out[i] = token.replace("▁", " ").encode()
+    return out
+
+
+def byte_stand_ins() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def load_sentencepiece(path: str | Path) -> LlamaSentencePieceTokenizer:
     """Load `tokenizer.model` (+ the 2023-era json files, when present) from a directory.
 
     eos is `</s>` (2), bos `<s>` (1); pad is `[PAD]` when the vocabulary has it (Chinese-Alpaca),
@@ -78,8 +167,6 @@ def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
     path = Path(path)
     model_file = path if path.is_file() else path / "tokenizer.model"
     folder = model_file.parent
-    if not model_file.is_file():
-        raise ModelLoadError(f"{model_file} not found: the tokenizer directory needs the sentencepiece tokenizer.model")
     special_map = _read_json(folder / "special_tokens_map.json")
     added = _read_json(folder / "added_tokens.json")
     try:
@@ -106,9 +193,13 @@ def load_tokenizer(path: str | Path) -> LlamaSentencePieceTokenizer:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: LlamaSentencePieceTokenizer, out_dir: str | Path) -> None:
-    """Write tokenizer.model and the 2023-era json files that the published LoRAs ship."""
+def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
+    """Write tokenizer.model and the 2023-era json files that the published LoRAs ship, or a tokenizer.json
+    tokenizer's own files (tokenizer.json, tokenizer_config.json, chat template)."""
     out_dir = Path(out_dir)
+    if not is_sentencepiece(tokenizer):
+        tokenizer.save_pretrained(str(out_dir))
+        return
     atomic_write_bytes(out_dir / "tokenizer.model", tokenizer.sp_model.serialized_model_proto())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if tokenizer.pad_token not in (None, tokenizer.unk_token):

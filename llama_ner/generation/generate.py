@@ -9,19 +9,19 @@ from typing import Any
 
 import torch
 
-from dataset import fit_prompt
+from dataset import ALPACA, PromptFormat, fit_prompt
 from llama_ner.io_utils import UserError
-from llama_ner.tokenizer import LlamaSentencePieceTokenizer
 
 
 def generate_answers(
     model: torch.nn.Module,
-    tokenizer: LlamaSentencePieceTokenizer,
+    tokenizer: Any,
     prompts: list[str],
     batch_size: int = 16,
     max_new_tokens: int = 128,
     progress: bool = True,
     constraint: Any = None,
+    prompt_format: PromptFormat = ALPACA,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
@@ -37,7 +37,7 @@ def generate_answers(
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens)
+    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens, prompt_format.tail)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
@@ -84,7 +84,7 @@ def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
 
 
 def encode_prompts(
-    model: torch.nn.Module, tokenizer: LlamaSentencePieceTokenizer, prompts: list[str], max_new_tokens: int
+    model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, tail: str = ALPACA.tail
 ) -> list[list[int]]:
     """Token ids of each prompt, cut (the query's end, as training cuts) to fit the model with max_new_tokens.
 
@@ -93,7 +93,7 @@ def encode_prompts(
     budget = prompt_budget(model, max_new_tokens)
     if budget is None:
         return [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    fitted = [fit_prompt(tokenizer, p, budget) for p in prompts]
+    fitted = [fit_prompt(tokenizer, p, budget, tail) for p in prompts]
     cut = [i + 1 for i, (_, was_cut) in enumerate(fitted) if was_cut]
     if cut:
         shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
@@ -106,7 +106,7 @@ def encode_prompts(
     return [ids for ids, _ in fitted]
 
 
-def decode_new_tokens(tokenizer: LlamaSentencePieceTokenizer, ids: list[int]) -> str:
+def decode_new_tokens(tokenizer: Any, ids: list[int]) -> str:
     """Text of generated ids up to (not including) the first `</s>`, stripped."""
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
-from dataset import build_prompt, ner_row
+from dataset import ALPACA, PromptFormat, build_prompt, ner_row, prompt_format
 
 if TYPE_CHECKING:
     import torch
@@ -121,15 +121,20 @@ def check_gpu_visible(device: str | None) -> None:
             raise ConfigError(f"device={device}: this machine has {visible}; pass --device=cpu or a GPU it has")
 
 
-def row_prompt(row: dict[str, Any], config: Config) -> str:
+def config_prompt_format(config: Config, tokenizer: Any) -> PromptFormat:
+    """The prompt format the model was trained with (train_args.json's prompt_template; alpaca before it existed)."""
+    return prompt_format(getattr(config, "prompt_template", "alpaca"), tokenizer)
+
+
+def row_prompt(row: dict[str, Any], config: Config, fmt: PromptFormat = ALPACA) -> str:
     """The training prompt of one data row."""
-    return build_prompt(row[config.instruct_column], row.get(config.query_column) or "")
+    return build_prompt(row[config.instruct_column], row.get(config.query_column) or "", fmt)
 
 
-def ner_prompt(text: str) -> str:
+def ner_prompt(text: str, fmt: PromptFormat = ALPACA) -> str:
     """The training prompt for a plain sentence: the NER instruction, then `文本：text`."""
     row = ner_row(text)
-    return build_prompt(row["instruct"], row["query"])
+    return build_prompt(row["instruct"], row["query"], fmt)
 
 
 def ner_answers(
@@ -140,6 +145,7 @@ def ner_answers(
     max_new_tokens: int = EVAL_DEFAULTS["max_new_tokens"],
     progress: bool = False,
     types: Sequence[str] | None = None,
+    fmt: PromptFormat = ALPACA,
     **gen_kwargs: Any,
 ) -> list[str]:
     """The `实体_类型` answer for each plain sentence, generated as test.py generates (greedy).
@@ -150,10 +156,18 @@ def ner_answers(
     from llama_ner.generation.generate import generate_answers
     from llama_ner.generation.ner_constraint import NerConstraint
 
-    prompts = [ner_prompt(text) for text in texts]
+    prompts = [ner_prompt(text, fmt) for text in texts]
     constraint = NerConstraint(tokenizer, texts, types) if types else None
     return generate_answers(
-        model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, constraint=constraint, **gen_kwargs
+        model,
+        tokenizer,
+        prompts,
+        batch_size,
+        max_new_tokens,
+        progress=progress,
+        constraint=constraint,
+        prompt_format=fmt,
+        **gen_kwargs,
     )
 
 
@@ -211,15 +225,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="base in 4 or 8 bits (bitsandbytes), 16: not quantized; default: the LoRA's train_args.json "
         "quantization_bit (as it was trained), else 16",
     )  # fmt: skip
+    parser.add_argument("--prompt_template", default=None, choices=["alpaca", "chat", "raw"],
+                        help="default: the LoRA's train_args.json prompt_template, else alpaca")  # fmt: skip
     parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
                         "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
+
+
+def args_prompt_format(args: argparse.Namespace, tokenizer: Any) -> PromptFormat:
+    """chat_ner.py's / serve.py's prompt format: --prompt_template, else the LoRA's train_args.json's, else alpaca."""
+    name = args.prompt_template or adapter_train_args(args.lora_model).get("prompt_template", "alpaca")
+    return prompt_format(name, tokenizer)
 
 
 def tokenizer_dir(args: argparse.Namespace) -> str:
     """--tokenizer_path, else the adapter's own tokenizer when it ships one, else the base model's."""
     if args.tokenizer_path:
         return args.tokenizer_path
-    if args.lora_model and (Path(args.lora_model) / "tokenizer.model").is_file():
+    if args.lora_model and any((Path(args.lora_model) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         return args.lora_model
     return args.base_model
 

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from llama_ner.tokenizer import token_bytes
+
 NOTHING = NO_ENTITY.encode()
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
 
@@ -126,15 +128,8 @@ class Vocab:
     """The bytes every token spells (None: never in an answer), with lookup tables. One per tokenizer."""
 
     def __init__(self, tokenizer: Any) -> None:
-        sp = tokenizer.sp_model
-        special = set(tokenizer.all_special_ids)
         self.eos_id: int = tokenizer.eos_token_id
-        self.token_bytes: list[bytes | None] = [None] * len(tokenizer)
-        for i in range(sp.get_piece_size()):
-            if i in special or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                continue
-            piece = sp.id_to_piece(i)
-            self.token_bytes[i] = bytes([int(piece[3:5], 16)]) if sp.is_byte(i) else piece.replace("▁", " ").encode()
+        self.token_bytes: list[bytes | None] = token_bytes(tokenizer)
         self.by_bytes: dict[bytes, list[int]] = {}
         self.prefixes: set[bytes] = set()
         for i, data in enumerate(self.token_bytes):

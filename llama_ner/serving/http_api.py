@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from dataset import NO_ENTITY, PROMPT_TEMPLATE, build_prompt
+from dataset import ALPACA, NO_ENTITY, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
 from llama_ner.generation.inference import ner_prompt
 from llama_ner.generation.metrics import parse_line
 from llama_ner.serving.batching import Batcher, Job
@@ -106,14 +106,21 @@ def validation_message(err: RequestValidationError) -> tuple[str, str]:
 # ---- prompts and answers -------------------------------------------------------------------
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The Alpaca prompt: for one user message exactly chat_ner.py --with_prompt's (`build_prompt`).
+def chat_prompt(messages: list[ChatMessage], fmt: PromptFormat = ALPACA, tokenizer: Any = None) -> str:
+    """The prompt in the model's format: for one user message exactly chat_ner.py --with_prompt's (`build_prompt`).
 
-    Earlier turns go between the template's first line and the last instruction; a system
-    message replaces the first line. The last message must be the user's.
+    Alpaca: earlier turns go between the template's first line and the last instruction; a system
+    message replaces the first line. chat: the tokenizer's chat template over all messages. raw: the
+    messages' text, one a line. The last message must be the user's.
     """
     if messages[-1].role != "user":
         raise ApiError(400, f"messages[{len(messages) - 1}].role: the last message must be the user's", "messages")
+    if fmt.name == "chat":
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return without_added_bos(tokenizer, text)
+    if fmt.name == "raw":
+        return "\n".join(m.content for m in messages) + fmt.tail
     head = PROMPT_TEMPLATE.partition("### Instruction:")[0]
     system = [m.content for m in messages if m.role == "system"]
     history = "".join(
@@ -260,8 +267,9 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             if not text.strip():
                 raise ApiError(400, f"texts[{i}]: empty text", f"texts[{i}]")
             fix = "shorten the text (or start the server with a lower --max_new_tokens)"
-            check_length(ner_prompt(text), args.max_new_tokens, f"texts[{i}]", fix)
+            check_length(ner_prompt(text, args.fmt), args.max_new_tokens, f"texts[{i}]", fix)
         settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
+        settings["fmt"] = args.fmt
         answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
             {"text": t, "answer": a, "entities": entities(t, a)} for t, a in zip(request.texts, answers, strict=True)
@@ -309,7 +317,7 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
-        prompt = chat_prompt(request.messages)
+        prompt = chat_prompt(request.messages, args.fmt, tokenizer)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": now, "model": args.model_name}
         if request.stream:

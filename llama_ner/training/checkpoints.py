@@ -30,6 +30,7 @@ SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "t
 
 
 SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "quantization_bit", "precision")
+SAME_FOR_RESUME += ("prompt_template",)
 
 
 SAME_FOR_RESUME += ("world_size",)

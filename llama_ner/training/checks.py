@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from config_utils import Config, ConfigError, load_config, print_config
-from dataset import load_data
+from dataset import load_data, prompt_format
 from llama_ner.io_utils import check_output_dir_path
-from llama_ner.model_loading import check_quantization
+from llama_ner.model_loading import check_quantization, check_vocab_fits
 from llama_ner.training.checkpoints import ADAPTER_DIR
+from llama_ner.training.model import load_train_tokenizer
 from llama_ner.training.processes import is_main_process, train_device
-from llama_ner.weights.model_files import adapter_weights_file, check_model_files
+from llama_ner.weights.model_files import adapter_weights_file, check_model_files, read_model_config
 
 
 def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
@@ -33,10 +34,19 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     check_model_files(args.model_dir)
     if args.peft_path:
         adapter_weights_file(args.peft_path)
+    check_tokenizer(args)
     check_kbit(args, read_deepspeed_json(args.deepspeed_json_path))
     check_save_dir(args)
     check_lora_targets(args)
     return train_rows, dev_rows
+
+
+def check_tokenizer(args: Config) -> None:
+    """The tokenizer loads, fits the embedding rows (config.json), and has a chat template if
+    prompt_template=chat asks for one."""
+    tokenizer = load_train_tokenizer(args)
+    check_vocab_fits(tokenizer, read_model_config(args.model_dir)["vocab_size"], args.model_dir)
+    prompt_format(args.prompt_template, tokenizer)
 
 
 def check_save_dir(args: Config) -> None:

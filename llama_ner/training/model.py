@@ -26,7 +26,9 @@ from llama_ner.weights.model_files import check_model_dir
 
 def load_train_tokenizer(args: Config):
     """The LoRA's own tokenizer when peft_path ships one (Chinese-Alpaca LoRA), else model_dir's."""
-    if args.peft_path and (Path(args.peft_path) / "tokenizer.model").is_file():
+    if args.peft_path and any(
+        (Path(args.peft_path) / name).is_file() for name in ("tokenizer.model", "tokenizer.json")
+    ):
         return load_tokenizer(args.peft_path)
     return load_tokenizer(args.model_dir)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from config_utils import Config, ConfigError, ConfigParser, require
+from dataset import PROMPT_TEMPLATES
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
@@ -22,6 +23,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "lora_alpha": 32,  # LoRA scale numerator (scale = lora_alpha / lora_r)
     "lora_dropout": 0.1,  # dropout on the LoRA input
     "lora_target_modules": LORA_TARGETS,  # projections that get a LoRA; q_proj,v_proj also works
+    "prompt_template": "alpaca",  # alpaca (the seed's prompt), chat (the tokenizer's chat template), raw (as is)
     "max_seq_length": 128 + 64,  # prompt + answer tokens; long queries are cut, answers kept whole
     "pad_to_multiple_of": 1,  # pad each batch to a multiple of this (8 suits fp16 tensor cores); 1 = its longest row
     "instruct_column": "instruct",  # instruction column of the data
@@ -66,6 +68,8 @@ def parse_train_args(
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
     if not 0 <= args.warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio={args.warmup_ratio} must be in [0, 1)")
+    if args.prompt_template not in PROMPT_TEMPLATES:
+        raise ConfigError(f"prompt_template={args.prompt_template!r}: use one of {', '.join(PROMPT_TEMPLATES)}")
     if args.zero_stage not in (-1, 0, 1, 2, 3):
         raise ConfigError(f"zero_stage={args.zero_stage} must be 0, 1, 2, 3 or -1 (deepspeed.json's)")
     if args.learning_rate is not None and (
