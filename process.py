@@ -4,7 +4,8 @@
     python process.py --in_file=data/msra/ori_data/msra_test_bio.txt --out_file=dev.txt --mode=dev
 
 The input format is detected: JSON lines with `text` and `entity_list` (begin/end character
-offsets), or character-level BIO (`char<TAB>TAG`, a blank line between sentences). The
+offsets), or one character a line, `char<TAB>TAG` or `char TAG`, tags BIO or BMES (B-/M-/E-/S-), a
+blank line between sentences. The
 answer lists the distinct `实体_类型` pairs in order of first appearance, joined by `\\n`,
 or `没有`. Mode `train` keeps every non-empty sentence; `dev` only those with entities.
 """
@@ -83,20 +84,22 @@ def read_bio(path: Path, lines: list[str]) -> Iterator[Sentence]:
                 yield "".join(chars), entities
             chars, entities = [], []
             continue
-        parts = line.split("\t")
-        if len(parts) != 2 or len(parts[0]) != 1:
-            raise DataError(f"{path}:{lineno}: expected 'char<TAB>TAG', got {line!r}")
+        parts = line.split("\t") if "\t" in line else [line[:1], line[2:]] if line[1:2] == " " else [line]
+        if len(parts) != 2 or len(parts[0]) != 1 or not parts[1]:
+            raise DataError(f"{path}:{lineno}: expected 'char<TAB>TAG' or 'char TAG', got {line!r}")
         char, tag = parts
         where = f"{path}:{lineno}"
         if tag == "O":
             close()
-        elif tag[:2] == "B-" or (tag[:2] == "I-" and (not current or current[1] != type_name(tag[2:], where))):
-            close()  # an I- that does not continue its entity starts a new one
+        elif tag[:2] not in ("B-", "I-", "M-", "E-", "S-"):
+            raise DataError(f"{where}: unknown tag {tag!r}; expected O or B-/I-TYPE (BIO), or B-/M-/E-/S-TYPE (BMES)")
+        elif tag[0] in "BS" or not current or current[1] != type_name(tag[2:], where):
+            close()  # an I-/M-/E- that does not continue its entity starts a new one
             current.extend([char, type_name(tag[2:], where)])
-        elif tag[:2] == "I-":
-            current[0] += char
         else:
-            raise DataError(f"{where}: unknown tag {tag!r}; expected O, B-TYPE or I-TYPE")
+            current[0] += char
+        if tag[:2] in ("E-", "S-"):  # BMES: the entity ends here
+            close()
         chars.append(char)
     close()
     if chars:

@@ -41,25 +41,33 @@ def seed_collate(args, tokenizer):
     return collate.collate_fn
 
 
-def time_run(recipe: str, rows: list[dict], gradient_checkpointing: bool = False) -> tuple[float, float, int]:
+def time_run(
+    recipe: str,
+    rows: list[dict],
+    gradient_checkpointing: bool = False,
+    model_dir: Path = MODEL,
+    extra_argv: tuple[str, ...] = (),
+    learning_rate: float = 1e-4,
+) -> tuple[float, float, int]:
     """Wall and CPU seconds for one epoch of trainer.train(), and the real (non-pad) tokens it saw.
 
     CPU seconds (all threads) suffer less than wall time when other jobs share the cores.
+    `extra_argv`: training keys both recipes get (bench/real_model.py: prompt_template=chat).
     """
     from transformers import Trainer, TrainingArguments
 
     from train_trainer import LoraTrainer
 
-    argv = [f"model_dir={MODEL}", "lora_dropout=0.1", f"gradient_checkpointing={gradient_checkpointing}"]
-    args = parse_train_args({**TRAIN_DEFAULTS, "save_dir": str(ROOT / ".bench" / "out")}, "", argv)
-    tokenizer = load_tokenizer(MODEL)
+    argv = [f"model_dir={model_dir}", "lora_dropout=0.1", f"gradient_checkpointing={gradient_checkpointing}"]
+    args = parse_train_args({**TRAIN_DEFAULTS, "save_dir": str(ROOT / ".bench" / "out")}, "", [*argv, *extra_argv])
+    tokenizer = load_tokenizer(model_dir)
     model = build_model(args, tokenizer, "fp32")
     collate = seed_collate(args, tokenizer) if recipe == "seed" else TrainCollate(args, tokenizer).collate_fn
     training_args = TrainingArguments(
         output_dir=str(ROOT / ".bench" / "out"),
         per_device_train_batch_size=12,
         num_train_epochs=1,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
