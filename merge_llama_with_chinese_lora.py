@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="new directory for the merged model")
     parser.add_argument("--offload_dir", default=None, help="accepted for compatibility; not needed (streaming)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (huggingface output)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the merged weights (huggingface output; pth and gguf are float16)")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="sha256 mismatches are errors, not warnings")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     parser.add_argument("--verbose", action="store_true", help="print what happens to every tensor")
@@ -53,7 +55,7 @@ if __name__ == "__main__":  # answer --help before torch loads (seconds)
 import torch
 
 from llama_ner.io_utils import ModelLoadError
-from llama_ner.tokenizer import LlamaSentencePieceTokenizer, load_tokenizer, save_tokenizer
+from llama_ner.tokenizer import LlamaSentencePieceTokenizer, is_sentencepiece, load_tokenizer, save_tokenizer
 from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, write_gguf
 from llama_ner.weights.llama_layout import (
     IGNORED_HF_SUFFIXES,
@@ -121,7 +123,21 @@ def lora_scale(config: dict, where: Path) -> tuple[float, bool]:
     return scale, bool(config.get("fan_in_fan_out", False))
 
 
-def load_lora(path: Path) -> Lora:
+def lora_tokenizer_dir(path: Path, base_dir: Path) -> Path:
+    """The folder of the tokenizer a LoRA was trained with: its own (the published Chinese LoRAs ship one), else
+    the base model's (an adapter trained here kept the base's vocabulary)."""
+    if any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        return path
+    if any((base_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        print(f"{path}: no tokenizer of its own; using {base_dir}'s (the adapter kept the base's vocabulary)")
+        return base_dir
+    raise ModelLoadError(
+        f"{path}: no tokenizer.model or tokenizer.json, nor in {base_dir}: each LoRA folder needs the tokenizer "
+        "it was trained with (copy the base model's if the LoRA kept its vocabulary)"
+    )
+
+
+def load_lora(path: Path, base_dir: Path) -> Lora:
     if not path.is_dir():
         raise ModelLoadError(f"--lora_model {path} is not a directory; pass the LoRA folder(s), comma-separated")
     config_file = path / "adapter_config.json"
@@ -131,12 +147,8 @@ def load_lora(path: Path) -> Lora:
     adapter = next((path / n for n in ADAPTER_FILES if (path / n).is_file()), None)
     if adapter is None:
         raise ModelLoadError(f"{path}: no adapter_model.bin or adapter_model.safetensors; finish the download")
-    if not (path / "tokenizer.model").is_file():
-        raise ModelLoadError(
-            f"{path / 'tokenizer.model'} not found: each LoRA folder needs the tokenizer it was trained with "
-            "(copy the base model's if the LoRA kept its vocabulary)"
-        )
-    lora = Lora(path, adapter, load_tokenizer(path), scale, fan_in_fan_out, TensorSource([adapter]))
+    tokenizer = load_tokenizer(lora_tokenizer_dir(path, base_dir))
+    lora = Lora(path, adapter, tokenizer, scale, fan_in_fan_out, TensorSource([adapter]))
     pending: dict[str, dict[str, str]] = {}
     saved: set[str] = set()  # trained copies (modules_to_save) win over plain ones
     for key in lora.source.keys():
@@ -160,6 +172,13 @@ def check_vocab(base_rows: int, loras: list[Lora]) -> int:
     """The final vocabulary size; refuses shrinking (wrong order) and adapters paired with another tokenizer."""
     vocab = base_rows
     for lora in loras:
+        if not is_sentencepiece(lora.tokenizer):  # a tokenizer.json model keeps its rows (some are padding)
+            if lora.tokens > vocab:
+                raise ModelLoadError(
+                    f"{lora.path}: its tokenizer has {lora.tokens} tokens, more than the model's {vocab} rows: "
+                    "it belongs to another model"
+                )
+            continue
         for name in (EMBED, LM_HEAD):
             rows = lora.rows(name)
             if rows is not None and rows != lora.tokens:
@@ -198,7 +217,7 @@ class Step:
         return f"{self.name}: {self.origin} {adds}".rstrip()
 
 
-def plan(base: TensorSource, loras: list[Lora]) -> list[Step]:
+def plan(base: TensorSource, loras: list[Lora], dtype: torch.dtype = torch.float16) -> list[Step]:
     """One Step per output tensor, every shape checked before anything is written."""
     for lora in loras:
         for name in list(lora.full) + list(lora.pairs):
@@ -224,7 +243,7 @@ def plan(base: TensorSource, loras: list[Lora]) -> list[Step]:
                     f"{lora.adapter_file}: {a_key} {(r, cols)} / B {(rows, r2)} do not fit {name} {tuple(shape)}; "
                     "this LoRA was trained on another model size"
                 )
-        steps.append(Step(name, TensorInfo(torch.float16, tuple(shape)), source, start, deltas, origin))
+        steps.append(Step(name, TensorInfo(dtype, tuple(shape)), source, start, deltas, origin))
     return steps
 
 
@@ -242,21 +261,21 @@ def check_changes_something(lora: Lora) -> None:
 
 
 def merged_tensor(step: Step) -> torch.Tensor:
-    """The step's output in fp16: deltas summed in fp32, cast once."""
+    """The step's output in its dtype (fp16 by default): deltas summed in fp32, cast once."""
     weight = step.source.read(step.start)
     if not step.deltas:
-        return weight.to(torch.float16)
+        return weight.to(step.info.dtype)
     weight = weight.float()
     for lora, a_key, b_key in step.deltas:
         a, b = lora.source.read(a_key), lora.source.read(b_key)
         weight = merge_lora_weight(weight, a, b, lora.scale, lora.fan_in_fan_out)
-    return weight.to(torch.float16)
+    return weight.to(step.info.dtype)
 
 
-def output_config(base_config: dict, vocab: int) -> dict:
-    config = dict(base_config, vocab_size=vocab, dtype="float16")
+def output_config(base_config: dict, vocab: int, dtype: str = "float16") -> dict:
+    config = dict(base_config, vocab_size=vocab, dtype=dtype)
     if "torch_dtype" in config:
-        config["torch_dtype"] = "float16"
+        config["torch_dtype"] = dtype
     return config
 
 
@@ -307,7 +326,8 @@ def checksum_files(base_files: list[Path], loras: list[Lora], hidden: int) -> li
     size = size if size in ("7B", "13B") else None
     files = [(p, None) for p in base_files]
     for lora in loras:
-        files.append((lora.path / "tokenizer.model", tokenizer_claim(lora.tokenizer.sp_model.get_piece_size())))
+        if is_sentencepiece(lora.tokenizer):
+            files.append((lora.path / "tokenizer.model", tokenizer_claim(lora.tokenizer.sp_model.get_piece_size())))
         chinese = lora.rows(EMBED) in (49953, 49954) and lora.adapter_file.suffix == ".bin"  # not a user's own
         claim = f"Chinese LoRA {size} adapter_model.bin" if size and chinese else None
         files.append((lora.adapter_file, claim))
@@ -320,19 +340,27 @@ def merge(args: argparse.Namespace) -> list[Path]:
     if not lora_dirs:
         raise ModelLoadError("--lora_model is empty: pass one LoRA folder or two, comma-separated")
     parse_size(args.max_shard_size)
+    if args.dtype != "float16" and args.output_type != "huggingface":
+        raise ModelLoadError(f"--dtype {args.dtype} needs --output_type huggingface ({args.output_type} is float16)")
     check_output_dir(output_dir, [base_dir, *lora_dirs], args.overwrite)
     base_config = read_model_config(base_dir)
     base_files = check_model_files(base_dir)  # headers only: sizes, the index, shapes against config.json
     base = TensorSource(base_files, IGNORED_HF_SUFFIXES)  # each header read, sizes checked before any output
-    loras = [load_lora(p) for p in lora_dirs]
+    loras = [load_lora(p, base_dir) for p in lora_dirs]
     report_checksums(checksum_files(base_files, loras, base_config["hidden_size"]), args.strict)
-    if EMBED not in base or LM_HEAD not in base:
+    tied = bool(base_config.get("tie_word_embeddings")) and LM_HEAD not in base  # lm_head is embed_tokens
+    if EMBED not in base or (LM_HEAD not in base and not tied):
         raise ModelLoadError(f"{base_dir}: no {EMBED} / {LM_HEAD}; not a LlamaForCausalLM checkpoint")
+    if tied and any(name in lora.full or name in lora.pairs for lora in loras for name in (EMBED, LM_HEAD)):
+        raise ModelLoadError(
+            f"{base_dir} ties lm_head to embed_tokens, and a LoRA changes one of them: merging would untie them, "
+            "which this script does not do; train the LoRA without embed_tokens/lm_head"
+        )
     vocab = check_vocab(base.info(EMBED).shape[0], loras)
     for lora in loras:
         check_changes_something(lora)
-    steps = plan(base, loras)
-    config = output_config(base_config, vocab)
+    steps = plan(base, loras, getattr(torch, args.dtype))
+    config = output_config(base_config, vocab, args.dtype)
     print(f"base {base_dir} ({base.info(EMBED).shape[0]} tokens) + {len(loras)} LoRA(s) -> {vocab} tokens")
     if args.verbose:
         for step in steps:

@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}; lower it or train longer"
         )
 
-    state = state_to_resume(args)  # checked before the model loads
-    model = build_model(args, tokenizer, precision)
     ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
     args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
+    state = state_to_resume(args)  # checked before the model loads (and after the rate is resolved)
+    model = build_model(args, tokenizer, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
 

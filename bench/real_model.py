@@ -39,7 +39,7 @@ ASSUMED_MFU = 0.3  # a LoRA step at this size rarely beats 30% of peak
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2500, help="training rows sampled from train_full.txt")
+    parser.add_argument("--rows", type=int, default=2000, help="training rows sampled from train_full.txt")
     parser.add_argument("--none_share", type=float, default=0.2, help="at most this share of `没有` rows")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)

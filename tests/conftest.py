@@ -39,6 +39,12 @@ def chinese_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's byte-level BPE tokenizer.json (49152 tokens, chat template). Read-only."""
+    return write_tokenizer(tmp_path_factory.mktemp("smollm2_tok"), "smollm2")
+
+
+@pytest.fixture(scope="session")
 def tiny_alpaca(tmp_path_factory) -> Path:
     """A random 2-layer hidden-64 LlamaForCausalLM with the 49954-token Alpaca tokenizer. Read-only."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-alpaca", "alpaca")
@@ -103,3 +109,25 @@ def read_hf_weights(model_dir: Path) -> dict:
             tensors |= {k: f.get_tensor(k) for k in f.keys()}
     assert set(tensors) == set(index["weight_map"])
     return tensors
+
+
+def greedy_ids(model, ids: list[int], n: int) -> list[int]:
+    """n tokens of plain greedy decoding (no stopping rule, no cache), the reference for other engines."""
+    import torch
+
+    current, out = torch.tensor([ids]), []
+    with torch.inference_mode():
+        for _ in range(n):
+            out.append(int(model(current).logits[0, -1].argmax()))
+            current = torch.cat([current, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """n tokens of llama.cpp's greedy decoding after `ids` (it does not stop at EOS when asked for n)."""
+    out = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == n:
+            return out
+    return out

@@ -39,6 +39,7 @@ def train_memorized_lora(
     epochs: int = 120,
     seed: int = 0,
     quantization_bit: int = 0,
+    prompt_template: str = "alpaca",
 ) -> tuple[Path, list[float]]:
     """Fit a LoRA on `rows` (full batch) and save it with train_args.json; returns (save_dir, loss per epoch).
 
@@ -53,6 +54,7 @@ def train_memorized_lora(
 
     args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
     args["quantization_bit"] = quantization_bit
+    args["prompt_template"] = prompt_template
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, **pretrained_kwargs(quantization_bit, torch.float32, "cpu"))

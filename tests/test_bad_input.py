@@ -22,14 +22,16 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFWriter
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, import_script
 from dataset import load_data
 from llama_ner.io_utils import UserError, run_cli
-from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_original
+from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_model, make_tiny_original, write_tokenizer
 from memorize import train_memorized_lora
 
 MSRA_ROWS = ROOT / "tests" / "data" / "msra_dev_instruct.txt"
@@ -56,6 +58,7 @@ SCRIPTS = {
     "export": "export_gguf",
     "serve": "serve",
     "tiny": "llama_ner/tiny_models",
+    "import": "import_gguf",
 }
 TRAIN = ["model_dir={tiny}", "train_path={dev}", "dev_path=", "deepspeed_json_path={ds}", "save_dir={out}/run"]
 TEST = ["--train_args_path={train_args}", "--output_dir={out}", "--max_new_tokens=4"]
@@ -102,6 +105,19 @@ CASES: dict[str, Case] = {
     "train_deepspeed/config-incomplete": Case(
         "train_deepspeed", [*TRAIN, "model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY
     ),
+    # models with their own tokenizer.json; the prompt format
+    "train_trainer/no-tokenizer": Case("train_trainer", [*TRAIN, "model_dir={tiny_no_tokenizer}"], 2, "tokenizer.json"),
+    "train_trainer/tokenizer-past-embeddings": Case(
+        "train_trainer", [*TRAIN, "model_dir={tiny_bpe_too_big}"], 2, "embedding rows"
+    ),
+    "train_trainer/chat-without-template": Case("train_trainer", [*TRAIN, "prompt_template=chat"], 2, "chat template"),
+    "train_trainer/unknown-template": Case("train_trainer", [*TRAIN, "prompt_template=vicuna"], 2, "alpaca, chat, raw"),
+    "test/chat-without-template": Case("test", [*TEST, "--prompt_template=chat"], 2, "chat template"),
+    # import_gguf.py
+    "import/truncated": Case("import", ["--gguf", "{gguf_cut}", "--output_dir", "{out}/m"], 2, "GGUF"),
+    "import/other-architecture": Case("import", ["--gguf", "{gguf_gpt2}", "--output_dir", "{out}/m"], 2, "'gpt2'"),
+    "import/not-found": Case("import", ["--gguf", "{root}/none.gguf", "--output_dir", "{out}/m"], 2, "not found"),
+    "import/not-gguf": Case("import", ["--gguf", "{dev}", "--output_dir", "{out}/m"], 2, "not a complete GGUF"),
     # test.py
     "test/eval-batch-0": Case("test", [*TEST, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
     "test/gbk-dev": Case("test", [*TEST, "--dev_path={dev_gbk}"], 2, "GB18030"),
@@ -132,6 +148,7 @@ CASES: dict[str, Case] = {
     "predict/config-incomplete": Case("predict", [*PREDICT, "--model_dir={tiny_no_geometry}"], 2, NO_GEOMETRY),
     "predict/config-more-layers": Case("predict", [*PREDICT, "--model_dir={tiny_more_layers}"], 2, "lack"),
     # chat_ner.py
+    "chat/lora-none": Case("chat", [*CHAT_OUT, "--lora_model", "none", "--data_file", "{text}"], 0, ""),
     "chat/lora-empty": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "chat/lora-other-size": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
     "chat/lora-other-vocab": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_vocab}"], 2, "49954"),
@@ -307,6 +324,25 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     w["tiny_sharded"] = sharded(tiny_alpaca, root / "tiny_sharded")
     w["tiny_bad_shard"] = sharded(tiny_alpaca, root / "tiny_bad_shard", drop="model.norm.weight")
     w["tiny_bad_bin_shard"] = sharded(tiny_alpaca, root / "tiny_bad_bin_shard", "model.norm.weight", bin_format=True)
+
+    # tokenizer.json models: none at all; one larger than the embedding (SmolLM2's 49152 over LLaMA's 32000 rows)
+    w["tiny_no_tokenizer"] = root / "tiny_no_tokenizer"
+    w["tiny_no_tokenizer"].mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (w["tiny_no_tokenizer"] / name).symlink_to(tiny_alpaca / name)
+    w["tiny_bpe_too_big"] = make_tiny_model(root / "tiny_bpe_too_big", "llama")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (w["tiny_bpe_too_big"] / name).unlink(missing_ok=True)
+    write_tokenizer(w["tiny_bpe_too_big"], "smollm2")
+    # GGUFs: one cut short, one of another architecture
+    w["gguf_gpt2"] = root / "gpt2.gguf"
+    writer = GGUFWriter(str(w["gguf_gpt2"]), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    w["gguf_cut"] = truncated(root / "cut.gguf", w["gguf_gpt2"], keep=0.5)
 
     # leftovers of killed runs beside the outputs of the stale-temporary rows (outside root: those rows succeed)
     w["stale"] = tmp_path_factory.mktemp("stale_outputs")
@@ -484,3 +520,31 @@ def test_config_geometry_is_checked(change, word, tiny_alpaca, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(UserError, match=re.escape(word)):
         read_model_config(tmp_path)
+
+
+JOIN_ON_A_TAKEN_PORT = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from llama_ner.io_utils import run_cli
+from llama_ner.training.processes import init_distributed
+run_cli(lambda: init_distributed(timeout_s=20))
+"""
+
+
+def test_a_port_another_training_holds_is_named_with_the_fix():
+    """Rank 0 of a second training on a port a first one listens on: one line saying the port is taken and how
+    to choose another (not the several-machines advice), at once rather than after ddp_timeout."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", JOIN_ON_A_TAKEN_PORT], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"port {port} on 127.0.0.1 is taken" in last and "--master_port" in last, last
+    assert "Traceback" not in proc.stderr

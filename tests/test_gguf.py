@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, import_script, read_hf_weights
+from conftest import ROOT, greedy_ids, import_script, llama_cpp_greedy, read_hf_weights
 from llama_ner.tiny_models import make_tiny_chinese_loras, make_tiny_model
 from llama_ner.tokenizer import load_tokenizer
 
@@ -193,18 +193,7 @@ def test_llama_cpp_greedy_continuation_equals_transformers(alpaca):
     tokenizer = load_tokenizer(alpaca["huggingface"])
     for row in msra_rows(6):
         ids = tokenizer(row["query"])["input_ids"]
-        ours = []
-        for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            ours.append(token)
-            if len(ours) == 16:
-                break
-        current, reference = torch.tensor([ids]), []
-        with torch.inference_mode():
-            for _ in range(16):  # plain greedy decoding, no stopping rules
-                next_id = int(model(current).logits[0, -1].argmax())
-                reference.append(next_id)
-                current = torch.cat([current, torch.tensor([[next_id]])], dim=1)
-        assert ours == reference, row["query"]
+        assert llama_cpp_greedy(llm, ids, 16) == greedy_ids(model, ids, 16), row["query"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from dataset import build_prompt, ner_row, prompt_format
 from llama_ner.generation.generate import decode_new_tokens
 from llama_ner.generation.metrics import parse_answer
 from llama_ner.generation.ner_constraint import (
@@ -21,7 +22,7 @@ from llama_ner.generation.ner_constraint import (
     vocab_of,
 )
 from llama_ner.io_utils import UserError
-from llama_ner.tokenizer import load_tokenizer
+from llama_ner.tokenizer import is_sentencepiece, load_tokenizer
 
 MSRA_TYPES = ("人名", "地名", "机构名")
 TEXTS = [
@@ -31,9 +32,14 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(alpaca_tokenizer_dir):
-    return load_tokenizer(alpaca_tokenizer_dir)
+@pytest.fixture(scope="module", params=["alpaca", "smollm2"])
+def tokenizer(request, alpaca_tokenizer_dir, smollm2_tokenizer_dir):
+    """Every test runs on sentencepiece (Chinese-Alpaca) and on byte-level BPE (SmolLM2's tokenizer.json)."""
+    return load_tokenizer(alpaca_tokenizer_dir if request.param == "alpaca" else smollm2_tokenizer_dir)
+
+
+def newline_id(tokenizer) -> int:
+    return vocab_of(tokenizer).by_bytes[b"\n"][0]
 
 
 def grammar(tokenizer, text: str, types=MSRA_TYPES) -> TextGrammar:
@@ -113,6 +119,8 @@ def test_invalid_answers_are_rejected(tokenizer, text, answer):
 
 def test_byte_fallback_pieces(tokenizer):
     """犇 has no piece: it is spelled <0xE7><0x8A><0x87>; mid-character only the next byte fits."""
+    if not is_sentencepiece(tokenizer):
+        pytest.skip("sentencepiece byte pieces; test_byte_level_bpe_splits_characters covers BPE")
     g = grammar(tokenizer, TEXTS[1])
     byte = {b: tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0xE7, 0x8A, 0x87)}
     ids = tokenizer.encode("张犇_人名", add_special_tokens=False)
@@ -123,17 +131,42 @@ def test_byte_fallback_pieces(tokenizer):
     assert byte[0xE7] in start and byte[0x8A] not in start  # a continuation byte cannot start an entity
 
 
+def test_byte_level_bpe_splits_characters(smollm2_tokenizer_dir):
+    """In byte-level BPE one Chinese character may take two tokens (北 = e5 8c | 97) and one token may span two
+    characters: mid-character, only tokens that continue it inside the text are allowed."""
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    vocab = vocab_of(tokenizer)
+    ids = tokenizer.encode("北京_地名", add_special_tokens=False)
+    spelled = [vocab.token_bytes[i] for i in ids]
+    assert b"".join(spelled) == "北京_地名".encode()
+    assert any(not valid_utf8(b) for b in spelled), spelled  # a character split across tokens
+    g = grammar(tokenizer, "北京是中国的首都。")
+    st = walk(g, ids[:1])  # half of 北
+    allowed = g.allowed_ids(st).tolist()
+    assert allowed and all((spelled[0] + vocab.token_bytes[i]).startswith(b"\xe5\x8c\x97") for i in allowed)
+    st = walk(g, ids)
+    assert tokenizer.eos_token_id in g.allowed_ids(st).tolist()
+
+
+def valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_duplicates_and_no_dead_end(tokenizer):
     """With one character and two types, after both lines only </s> is left."""
     g = grammar(tokenizer, "京", ("人名", "地名"))
-    newline, eos = tokenizer.convert_tokens_to_ids("<0x0A>"), tokenizer.eos_token_id
+    newline, eos = newline_id(tokenizer), tokenizer.eos_token_id
     st = walk(g, tokenizer.encode("京_人名", add_special_tokens=False))
     assert {newline, eos} <= set(g.allowed_ids(st).tolist())
     st = walk(g, tokenizer.encode("京_人名\n京_地名", add_special_tokens=False))
     assert g.allowed_ids(st).tolist() == [eos]
     st = walk(g, tokenizer.encode("京_人名\n京_", add_special_tokens=False))
-    allowed = {tokenizer.decode([i]) for i in g.allowed_ids(st).tolist()}
-    assert "地" in allowed and "人" not in allowed
+    allowed = [g.vocab.token_bytes[i] for i in g.allowed_ids(st).tolist()]
+    assert allowed and all("地名".encode().startswith(b) for b in allowed)  # 人名 is used up
 
 
 def brute_force(g: TextGrammar, st: State, candidates: list[int]) -> set[int]:
@@ -167,7 +200,9 @@ def test_allowed_ids_equal_brute_force(tokenizer):
                 token = fixed[steps]
                 assert token in allowed
             else:
-                bias = [i for i in allowed if i in (vocab.eos_id, 13) or b"_" in vocab.token_bytes[i]]
+                bias = [
+                    i for i in allowed if i in (vocab.eos_id, newline_id(tokenizer)) or b"_" in vocab.token_bytes[i]
+                ]
                 token = rng.choice(bias if bias and rng.random() < 0.3 else sorted(allowed))
             st, steps = g.step(st, token), steps + 1
         assert st.finished or not fixed
@@ -185,7 +220,7 @@ def test_processor_on_random_logits_gives_valid_answers(tokenizer):
     eos = tokenizer.eos_token_id
     for _ in range(200):
         scores = torch.randn(len(texts), len(tokenizer), generator=generator)
-        scores[:, [eos, 13]] += 2.5  # end lines and answers now and then
+        scores[:, [eos, newline_id(tokenizer)]] += 2.5  # end lines and answers now and then
         ids = torch.cat([ids, processor(ids, scores).argmax(-1, keepdim=True)], dim=1)
         if (ids == eos).any(dim=1).all():
             break
@@ -224,6 +259,43 @@ def test_entity_types(tmp_path, capsys):
     assert load_entity_types("", None) == MSRA_TYPES and "no training data given" in capsys.readouterr().out
     with pytest.raises(UserError, match="entity_types"):
         load_entity_types("人_名")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--max_lines", "-1"], "--max_lines -1"),  # only 0 means no limit
+        (["--train_path", "{missing}"], "file not found"),  # typed by the user: an error, not MSRA's types
+        (["--train_path", "{gbk}"], "GB18030"),
+        (["--prompt_template", "chat", "--prompt_out", "{out}"], "--tokenizer_dir"),
+    ],
+    ids=["negative-max-lines", "missing-train-path", "gbk-train-path", "chat-without-tokenizer"],
+)
+def test_gbnf_cli_refuses_what_it_cannot_honour(tmp_path, capsys, argv, words):
+    from llama_ner.generation.ner_constraint import main
+    from llama_ner.io_utils import run_cli
+
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes(json.dumps({"instruct": "x", "answer": "北京_地名"}, ensure_ascii=False).encode("gbk") + b"\n")
+    paths = {"missing": tmp_path / "missing.txt", "gbk": gbk, "out": tmp_path / "prompt.txt"}
+    argv = ["--text", "北京", *(a.format(**paths) for a in argv)]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: main(argv))
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") or last.startswith("data error: "), last
+    assert words in last, last
+    assert not paths["out"].exists()
+
+
+def test_gbnf_prompt_in_the_chat_format(tmp_path, smollm2_tokenizer_dir):
+    from llama_ner.generation.ner_constraint import main
+
+    out = tmp_path / "prompt.txt"
+    main(["--text", "北京", "--prompt_out", str(out), "--prompt_template", "chat", "--tokenizer_dir",
+          str(smollm2_tokenizer_dir)])  # fmt: skip
+    fmt = prompt_format("chat", load_tokenizer(smollm2_tokenizer_dir))
+    assert out.read_text(encoding="utf-8") == build_prompt(ner_row("北京")["instruct"], "文本：北京", fmt)
 
 
 def test_gbnf_shape():

@@ -274,6 +274,31 @@ BAD_REQUESTS = {
     "prompt-missing": ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     "n-above-1": ("/v1/completions", {"prompt": "你好", "n": 2}, 400, "n"),
     "constrained-not-a-bool": ("/v1/ner", {"texts": ["北京"], "constrained": "no"}, 400, "constrained"),
+    # refused, never ignored: a typo, an option this server does not have
+    "unknown-field": ("/v1/ner", {"texts": ["北京"], "constrainted": False}, 400, "constrainted: unknown field"),
+    "stop-sequences": ("/v1/completions", {"prompt": "你好", "stop": ["。"]}, 400, "stop: unknown field"),
+    "unknown-message-field": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x", "name": "a"}]},
+        400,
+        "name",
+    ),  # fmt: skip
+    # the message says what to send instead
+    "lone-surrogate-text": ("/v1/ner", b'{"texts": ["\\ud800"]}', 400, "texts[0]: not text"),
+    "lone-surrogate-prompt": ("/v1/completions", b'{"prompt": "a\\udfff"}', 400, "prompt: not text"),
+    "lone-surrogate-message": (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "content: not text",
+    ),  # fmt: skip
+    "temperature-nan": (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        400,
+        "finite number",
+    ),  # fmt: skip
+    "prompt-empty-list": ("/v1/completions", {"prompt": []}, 400, "send a string or a list"),
 }
 
 
@@ -297,6 +322,20 @@ def test_bad_request_is_a_4xx_json_error(client, case):
         ("/v1/completions", {"prompt": "北京" * 400, "max_tokens": 200}, "lower max_tokens"),
     ],
 )
+@pytest.mark.parametrize(
+    ("content", "headers", "words"),
+    [
+        (b"texts=abc", {"Content-Type": "application/x-www-form-urlencoded"}, "Content-Type: application/json"),
+        ('{"texts": ["北京"]}'.encode("gbk"), {"Content-Type": "application/json"}, "not UTF-8"),
+    ],
+    ids=["curl-d-form", "gbk-body"],
+)
+def test_a_body_sent_the_wrong_way_says_how_to_send_it(client, content, headers, words):
+    response = client.post("/v1/ner", content=content, headers=headers)
+    assert response.status_code == 400 and words in response.json()["error"]["message"], response.text
+    assert client.get("/health").status_code == 200
+
+
 def test_too_long_input_names_the_right_knob(client, path, body, fix):
     response = client.post(path, json=body)
     assert response.status_code == 400 and fix in response.json()["error"]["message"], response.text

@@ -475,11 +475,14 @@ def resume_args(save_dir: Path, *argv: str):
         ("quantization_bit", 4, "quantization_bit was 4 in the saved run, now 0; pass quantization_bit=4 or"),
         ("precision", "bf16", "precision was 'bf16' in the saved run, now 'fp32'; train in bf16 again"),
         ("seed", 7, "seed was 7 in the saved run, now 42; pass seed=7 or start over with resume=false"),
+        # the saved optimizer and scheduler would ignore a new rate; train_args.json would record a lie
+        ("learning_rate", 0.001, "learning_rate was 0.001 in the saved run, now 0.005; pass learning_rate=0.001"),
+        ("prompt_template", "chat", "prompt_template was 'chat' in the saved run, now 'alpaca'"),
     ],
 )
 def test_resume_refuses_another_quantization_or_precision(monkeypatch, tmp_path, key, saved_value, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    args = resume_args(tmp_path)
+    args = resume_args(tmp_path, *(["learning_rate=5e-3"] if key == "learning_rate" else []))
     write_state(tmp_path, state_of({**args.to_dict(), key: saved_value}, 4, 24))
     with pytest.raises(SystemExit, match=re.escape(message)) as err:
         state_to_resume(args)

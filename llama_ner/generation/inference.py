@@ -212,10 +212,16 @@ def base_bits(args: argparse.Namespace) -> int:
     return bits
 
 
+def none_or_path(value: str) -> str | None:
+    """--lora_model none (any case, or empty) means no adapter, as --help says."""
+    return None if value.strip().lower() in ("", "none") else value
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model flags of chat_ner.py and serve.py."""
     parser.add_argument("--base_model", required=True, help="Hugging Face model directory (merged Chinese-Alpaca)")
-    parser.add_argument("--lora_model", default=None, help="LoRA adapter directory; none = the base model alone")
+    parser.add_argument("--lora_model", default=None, type=none_or_path,
+                        help="LoRA adapter directory; none = the base model alone")  # fmt: skip
     parser.add_argument("--tokenizer_path", default=None, help="default: lora_model if it has one, else base_model")
     parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
     parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")

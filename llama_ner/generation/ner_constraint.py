@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from config_utils import answer_help_first
-from dataset import NO_ENTITY, QUERY_PREFIX, build_prompt, load_data, ner_row
+from dataset import NO_ENTITY, QUERY_PREFIX, build_prompt, load_data, ner_row, prompt_format
 from llama_ner.generation.metrics import ENTITY_TYPES, parse_line
 from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, run_cli
 
@@ -51,6 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_lines", type=int, default=0, help="at most this many answer lines (0: no limit)")
     p.add_argument("--out", default="", help="write the grammar here (default: print it)")
     p.add_argument("--prompt_out", default="", help="also write the model prompt here (llama-cli -f)")
+    p.add_argument(
+        "--prompt_template",
+        default="alpaca",
+        choices=["alpaca", "chat", "raw"],
+        help="the prompt format the LoRA was trained with (its train_args.json prompt_template)",
+    )
+    p.add_argument(
+        "--tokenizer_dir", default="", help="the model's tokenizer folder (needed for --prompt_template chat)"
+    )
     return p.parse_args(argv)
 
 
@@ -61,7 +70,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from llama_ner.tokenizer import token_bytes
+from llama_ner.tokenizer import load_tokenizer, token_bytes
 
 NOTHING = NO_ENTITY.encode()
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
@@ -79,26 +88,32 @@ def check_types(types: Sequence[str], where: str) -> tuple[str, ...]:
     return out
 
 
-def load_entity_types(spec: str = "", train_path: str | Path | None = None, column: str = "answer") -> tuple[str, ...]:
+def load_entity_types(
+    spec: str = "", train_path: str | Path | None = None, column: str = "answer", strict: bool = False
+) -> tuple[str, ...]:
     """Types from `spec` ("人名,地名"), else those in train_path's answers, else MSRA's three.
 
     A train_path that cannot be read (train_args.json records it relative to where training ran)
     or holds no typed answer is a warning, not an error: MSRA's types are right for MSRA, and an
-    adapter can be evaluated without its training data; the warning names the override.
+    adapter can be evaluated without its training data; the warning names the override. With
+    `strict` (a path the user typed) it is an error.
     """
     if spec:
         return check_types(spec.split(","), "entity_types")
     if not train_path:
         print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} (no training data given)")
         return ENTITY_TYPES
-    if not Path(train_path).is_file():
+    if strict:
+        rows = load_data(train_path, (column,))  # a missing or unreadable file is the user's one-line error
+    elif not Path(train_path).is_file():
         return msra_types_instead(
             f"training data {train_path} not found (a relative path is read from the current directory)"
         )
-    try:
-        rows = load_data(train_path, (column,))
-    except (UserError, OSError) as err:
-        return msra_types_instead(f"cannot read the training data ({err})")
+    else:
+        try:
+            rows = load_data(train_path, (column,))
+        except (UserError, OSError) as err:
+            return msra_types_instead(f"cannot read the training data ({err})")
     found = [pair[1] for row in rows for line in str(row[column]).splitlines() if (pair := parse_line(line))]
     if not found:
         return msra_types_instead(f"no typed answer in the training data {train_path}")
@@ -447,6 +462,10 @@ def gbnf(text: str, types: Sequence[str] = ENTITY_TYPES, max_lines: int = 0) -> 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    if args.max_lines < 0:
+        raise UserError(f"--max_lines {args.max_lines}: pass a positive number, or 0 for no limit")
+    if args.prompt_template == "chat" and not args.tokenizer_dir:
+        raise UserError("--prompt_template chat needs --tokenizer_dir (the model folder whose chat template it is)")
     inputs = [args.train_path] if args.train_path else []
     for flag, path in (("--out", args.out), ("--prompt_out", args.prompt_out)):
         if path:  # before any work; an output never replaces an input
@@ -454,11 +473,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.out and args.prompt_out and Path(args.out).resolve() == Path(args.prompt_out).resolve():
         raise UserError(f"--out and --prompt_out are both {args.out}: pass two different files")
     with contextlib.redirect_stdout(sys.stderr):  # stdout may be the grammar
-        types = load_entity_types(args.entity_types, args.train_path or None)
+        types = load_entity_types(args.entity_types, args.train_path or None, strict=True)
     grammar = gbnf(args.text, types, args.max_lines)
     if args.prompt_out:
         row = ner_row(args.text)
-        atomic_write_text(Path(args.prompt_out), build_prompt(row["instruct"], row["query"]))
+        tokenizer = load_tokenizer(args.tokenizer_dir) if args.tokenizer_dir else None
+        fmt = prompt_format(args.prompt_template, tokenizer)
+        atomic_write_text(Path(args.prompt_out), build_prompt(row["instruct"], row["query"], fmt))
     if args.out:
         atomic_write_text(Path(args.out), grammar)
         print(f"wrote {args.out}", file=sys.stderr)

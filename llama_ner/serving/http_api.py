@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from dataset import ALPACA, NO_ENTITY, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
@@ -40,16 +40,34 @@ UNION_TAGS = {"str", "list[str]"}
 # ---- request shapes ------------------------------------------------------------------------
 
 
-class ChatMessage(BaseModel):
+def unicode_text(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (\\ud800), which is no text: the tokenizer would fail on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not text: it holds a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(unicode_text)]
+
+
+class Strict(BaseModel):
+    """A request shape: an unknown field (a typo, an option this server lacks) is refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
-class Sampling(BaseModel):
+class Sampling(Strict):
     model: StrictStr | None = None  # any id is accepted: one model is served
     max_tokens: StrictInt | None = None  # None: --max_new_tokens
-    temperature: float = Field(0, ge=0, le=2, strict=True)  # 0 = greedy (OpenAI's default is 1)
-    top_p: float = Field(1, gt=0, le=1, strict=True)
+    temperature: float = Field(0, ge=0, le=2, strict=True, allow_inf_nan=False)  # 0 = greedy (OpenAI's default: 1)
+    top_p: float = Field(1, gt=0, le=1, strict=True, allow_inf_nan=False)
     stream: StrictBool = False
     n: Literal[1] = 1
 
@@ -59,12 +77,12 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    prompt: Text | list[Text]  # an empty list is refused by the endpoint, naming what to send
 
 
-class NerRequest(BaseModel):
+class NerRequest(Strict):
     model: StrictStr | None = None
-    texts: Annotated[list[StrictStr], Field(min_length=1)]
+    texts: Annotated[list[Text], Field(min_length=1)]
     constrained: StrictBool = True  # answers only '没有' or distinct '实体_类型' lines grounded in the text
 
 
@@ -92,15 +110,27 @@ def field_name(loc: tuple) -> str:
     return name or "body"
 
 
-def validation_message(err: RequestValidationError) -> tuple[str, str]:
-    """(message, field) of the first validation error."""
+REQUESTS = {"/v1/ner": NerRequest, "/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
+JSON_HEADER = (
+    "send a JSON object with the header Content-Type: application/json (curl: -H 'Content-Type: application/json')"
+)
+
+
+def validation_message(err: RequestValidationError, path: str = "") -> tuple[str, str]:
+    """(message, field) of the first validation error, saying what to send instead."""
     first = err.errors()[0]
     if first["type"] == "json_invalid":
         return f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", "body"
     name = field_name(tuple(first["loc"]))
     if first["type"] == "missing":
         return f"{name}: required field missing", name
-    return f"{name}: {first['msg']}", name
+    if name == "body" and first["type"] in ("model_attributes_type", "dict_type"):
+        return f"body: not a JSON object; {JSON_HEADER}", "body"
+    if first["type"] == "extra_forbidden":
+        known = sorted(REQUESTS[path].model_fields) if path in REQUESTS and "." not in name else []
+        fields = f"; this endpoint's fields are {', '.join(known)}" if known else ""
+        return f"{name}: unknown field (a typo, or an option this server does not have){fields}", name
+    return f"{name}: {first['msg'].removeprefix('Value error, ')}", name
 
 
 # ---- prompts and answers -------------------------------------------------------------------
@@ -205,10 +235,12 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(400, *validation_message(err))
+        return error_response(400, *validation_message(err, request.url.path))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if err.detail == "There was an error parsing the body":  # FastAPI's words for a body that is not UTF-8
+            return error_response(400, f"body: not UTF-8; encode the JSON body as UTF-8 ({JSON_HEADER})", "body")
         return error_response(err.status_code, f"{request.url.path}: {err.detail}")
 
     @app.exception_handler(Exception)
@@ -336,6 +368,8 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if not prompts:
+            raise ApiError(400, "prompt: an empty list; send a string or a list of one or more strings", "prompt")
         check_count(prompts, "prompt", "prompts")
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": now, "model": args.model_name}

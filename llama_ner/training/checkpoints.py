@@ -20,20 +20,14 @@ from llama_ner.io_utils import atomic_dir
 from llama_ner.training.processes import barrier, is_main_process, world_size
 
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
-
-
 STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
 
-
-# a resumed run must agree with the saved one on these (model, data, batch settings, process count)
-SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_target_modules", "train_path", "train_batch_size")
-
-
-SAME_FOR_RESUME += ("gradient_accumulation_steps", "num_train_epochs", "seed", "quantization_bit", "precision")
-SAME_FOR_RESUME += ("prompt_template",)
-
-
-SAME_FOR_RESUME += ("world_size",)
+# a resumed run must agree with the saved one on these: model, data, batches, the optimizer and scheduler's
+# settings (the saved state holds them: a new value would be ignored), prompt, precision, process count
+SAME_FOR_RESUME = ("model_dir", "peft_path", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+SAME_FOR_RESUME += ("train_path", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "seed")
+SAME_FOR_RESUME += ("max_seq_length", "learning_rate", "warmup_ratio", "max_grad_norm", "zero_stage")
+SAME_FOR_RESUME += ("quantization_bit", "precision", "prompt_template", "world_size")
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

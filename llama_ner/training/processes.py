@@ -44,6 +44,13 @@ def join_error(err: Exception, timeout_s: float) -> str:
     """One line: who failed to join whom, torch's reason, and what to check on a multi-machine run."""
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    if "EADDRINUSE" in str(err) or "address already in use" in str(err).lower():
+        port = os.environ.get("MASTER_PORT", "?")
+        return (
+            f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} is taken (another training on this "
+            f"machine?): pick a free one, e.g. deepspeed --master_port {free_port()} ... (torchrun: --master_port, "
+            "mpirun: -x MASTER_PORT=N), or stop the run that holds it"
+        )
     return (
         f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the other "
         f"processes at MASTER_ADDR:MASTER_PORT={where} within ddp_timeout={timeout_s:g}s ({reason}). Check that "

@@ -6,21 +6,25 @@
 Architecture `llama`; hyperparameters from the HF config; matrices fp16, norms fp32; q/k back
 in Meta's rotary layout (the inverse of the HF permutation, as llama.cpp expects); the
 SentencePiece vocabulary with scores and token types (normal, control, byte, unknown,
-user-defined for added tokens such as Chinese-Alpaca's `[PAD]`), bos/eos/unk/pad ids, add-bos.
+user-defined for added tokens such as Chinese-Alpaca's `[PAD]`), bos/eos/unk/pad ids, add-bos; or a
+tokenizer.json's byte-level BPE (`gpt2`: tokens, merges, the pre-tokenizer llama.cpp must split with);
+the chat template when the tokenizer has one.
 The header (with every tensor's shape) is written first, then each tensor as it is produced.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llama_ner.io_utils import atomic_path
+from llama_ner.tokenizer import is_sentencepiece
 from llama_ner.weights.llama_layout import map_name, rope_theta, rotary_heads, unpermute
 from llama_ner.weights.tensor_io import TensorInfo
 
@@ -59,6 +63,54 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: dict) -> np.ndarray:
         tensor = unpermute(tensor, heads)
     dtype = torch.float32 if tensor.dim() == 1 else torch.float16
     return tensor.to(dtype).contiguous().numpy()
+
+
+# tokenizer.json pre_tokenizer -> llama.cpp's tokenizer.ggml.pre (what it splits text with before BPE)
+PRE_TOKENIZERS = {
+    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}': "gpt2",
+    '{"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, '
+    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}': "smollm",
+}
+
+
+def tokenizer_pre(tokenizer: Any) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json; one we cannot name is refused
+    (llama.cpp would split text otherwise than transformers, and the ids would differ)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer")
+    key = json.dumps(spec)
+    if key in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[key]
+    if spec and spec.get("type") == "Sequence" and any(p.get("type") == "Split" for p in spec["pretokenizers"]):
+        return "llama-bpe"  # Llama-3's Split regex + ByteLevel
+    raise ValueError(
+        f"the tokenizer's pre_tokenizer {key[:200]} has no llama.cpp name here; pass --tokenizer_pre NAME "
+        "(llama.cpp's tokenizer.ggml.pre, e.g. gpt2, llama-bpe, smollm)"
+    )
+
+
+def bpe_vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of a byte-level BPE tokenizer.json, padded to n_vocab."""
+    from gguf import TokenType
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"tokenizer.json model {spec['model']['type']}: only BPE (and sentencepiece) export")
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(len(tokenizer)):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        if i in added:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        else:
+            types.append(TokenType.NORMAL if i in by_id else TokenType.UNUSED)
+    if len(tokens) > n_vocab:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model only {n_vocab} embedding rows")
+    while len(tokens) < n_vocab:
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, [int(t) for t in types], merges
 
 
 def gguf_vocab(tokenizer: LlamaSentencePieceTokenizer, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -105,10 +157,8 @@ def gguf_vocab(tokenizer: LlamaSentencePieceTokenizer, n_vocab: int) -> tuple[li
 
 
 def add_metadata(
-    writer: GGUFWriter, config: dict, tokenizer: LlamaSentencePieceTokenizer, n_vocab: int, name: str
+    writer: GGUFWriter, config: dict, tokenizer: Any, n_vocab: int, name: str, pre: str | None = None
 ) -> None:
-    from sentencepiece import sentencepiece_model_pb2
-
     heads = config["num_attention_heads"]
     writer.add_name(name)
     writer.add_file_type(1)  # LLAMA_FTYPE_MOSTLY_F16
@@ -122,6 +172,33 @@ def add_metadata(
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    if is_sentencepiece(tokenizer):
+        add_sentencepiece_vocab(writer, tokenizer, n_vocab)
+    else:
+        add_bpe_vocab(writer, tokenizer, n_vocab, pre or tokenizer_pre(tokenizer))
+
+
+def add_bpe_vocab(writer: GGUFWriter, tokenizer: Any, n_vocab: int, pre: str) -> None:
+    tokens, types, merges = bpe_vocab(tokenizer, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(adds_bos)
+    writer.add_add_eos_token(False)
+
+
+def add_sentencepiece_vocab(writer: GGUFWriter, tokenizer: LlamaSentencePieceTokenizer, n_vocab: int) -> None:
+    from sentencepiece import sentencepiece_model_pb2
+
     pieces, scores, types = gguf_vocab(tokenizer, n_vocab)
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.sp_model.serialized_model_proto())
@@ -146,9 +223,10 @@ def write_gguf(
     entries: list[tuple[str, TensorInfo]],
     produce: Callable[[str], torch.Tensor],
     config: dict,
-    tokenizer: LlamaSentencePieceTokenizer,
+    tokenizer: Any,
     name: str = "",
     progress: Callable = iter,
+    pre: str | None = None,
 ) -> Path:
     """Write `path` (atomically): metadata, then each entry's tensor from produce(hf_name), in order."""
     from gguf import GGUFWriter
@@ -156,7 +234,7 @@ def write_gguf(
     path = Path(path)
     n_vocab = dict(entries)["model.embed_tokens.weight"].shape[0]
     writer = GGUFWriter(None, "llama")
-    add_metadata(writer, config, tokenizer, n_vocab, name or path.stem)
+    add_metadata(writer, config, tokenizer, n_vocab, name or path.stem, pre)
     for tensor_name, info in entries:
         dtype = np.dtype(np.float32 if len(info.shape) == 1 else np.float16)
         writer.add_tensor_info(hf_to_gguf_name(tensor_name), info.shape, dtype, dtype.itemsize * math.prod(info.shape))
