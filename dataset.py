@@ -107,13 +107,23 @@ def ner_row(text: str, answer: str | None = None) -> dict[str, str]:
     return row
 
 
-def load_data(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Read JSON lines; a bad line or a row missing one of `columns` names file:line."""
+def load_data(
+    path: str | Path, columns: tuple[str, ...] = (), answer_column: str = "", optional: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """Read JSON lines; a bad line, a row missing one of `columns` or holding a non-string there (or in an
+    `optional` column it has), or an empty `answer_column`, names file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; run `python process.py` or pass the right *_path")
     rows = []
-    for lineno, line in enumerate(read_lines(path, DataError), 1):
+    lines = read_lines(path, DataError)
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("["):
+        raise DataError(
+            f'{path}: a JSON array; expected JSON lines, one object a line. Convert it: python -c "import json,sys; '
+            f'[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]" {path} > rows.txt'
+        )
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -128,6 +138,18 @@ def load_data(path: str | Path, columns: tuple[str, ...] = ()) -> list[dict[str,
                 f"{path}:{lineno}: missing column {missing[0]!r} (has {sorted(row)}); "
                 f"fix the data or set {missing[0]!r}'s *_column option"
             )
+        for column in (*columns, *(c for c in optional if row.get(c) is not None)):
+            value = row[column]
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{path}:{lineno}: column {column!r} is {json.dumps(value, ensure_ascii=False)[:40]} "
+                    f"({type(value).__name__}); expected a string"
+                )
+            if not value.strip() and column == answer_column:
+                raise DataError(
+                    f"{path}:{lineno}: empty {column!r}; write {NO_ENTITY} for a text without entities "
+                    "(as process.py does), or delete the row"
+                )
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")

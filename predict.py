@@ -67,7 +67,7 @@ def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
         raise DataError(f"{file}: file not found; pass --predict_path=<JSON lines or one sentence per line>")
     lines = read_lines(file, DataError)
     if is_json_lines(lines):
-        return load_data(file, (config.instruct_column,))
+        return load_data(file, (config.instruct_column,), optional=(config.query_column,))
     rows = []
     for line in lines:
         if line.strip():

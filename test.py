@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in OUTPUT_FILES:  # checked before hours of generation, not after
         check_output_file(out_dir / name, "output_dir", [config.dev_path, config.train_args_path])
     columns = (config.instruct_column, config.response_column)
-    rows = load_data(config.dev_path, columns)
+    rows = load_data(config.dev_path, columns, config.response_column, (config.query_column,))
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)

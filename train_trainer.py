@@ -12,6 +12,8 @@ scheduler, data position) that `resume=true` continues from.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +132,14 @@ def last_checkpoint(save_dir: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def remove_unfinished_checkpoints(save_dir: str | Path) -> None:
+    """Delete the Trainer's checkpoint-N folders that lack trainer_state.json, which it writes last."""
+    for folder in Path(save_dir).glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed the unfinished {folder}", file=sys.stderr)
+
+
 def checkpoint_to_resume(save_dir: str | Path) -> str:
     """The Trainer's newest finished checkpoint-N beside a saved resume state (it holds the optimizer,
     scheduler and data position); none is an error, not a silent restart."""
@@ -169,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        remove_unfinished_checkpoints(args.save_dir)  # a save cut short (a full disk) must not look resumable
+        raise
     seconds = time.time() - start
     final_dev_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
     if is_main_process():

@@ -15,6 +15,7 @@ temporary name left by a killed run is reported (with its size) by the next run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -46,13 +47,43 @@ class UserError(SystemExit):
         return f"{self.prefix}: {self.message}"
 
 
+DISK_FAULTS = {  # errno -> what to do; the writers' temporaries are gone by the time this is printed
+    errno.ENOSPC: "free space there or choose another place",
+    errno.EDQUOT: "free space (the disk quota is full) or choose another place",
+    errno.EROFS: "the file system is read-only: choose a writable place",
+    errno.EACCES: "no permission to write there: choose a writable place",
+    errno.ELOOP: "a symlink loop: point the path at the real file or folder",
+}
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, and so does a full,
+    read-only or forbidden disk (every writer writes to a temporary that it removes when it fails)."""
     try:
         main()
     except UserError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
+    except (OSError, RuntimeError) as err:
+        fault = disk_fault(err)
+        if fault is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        sys.exit(2)
+
+
+def disk_fault(err: BaseException) -> str | None:
+    """One line for a disk fault (no space, read-only, no permission) anywhere in err's chain, else None.
+
+    torch.save reports a full disk as a RuntimeError whose cause is the OSError; its own text is unhelpful."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in DISK_FAULTS:
+            where = f"{err.filename}: " if err.filename else ""
+            return f"{where}{os.strerror(err.errno)}; {DISK_FAULTS[err.errno]}"
+        if isinstance(err, RuntimeError) and str(err).startswith("Symlink loop"):  # pathlib's resolve()
+            return f"{err}: {DISK_FAULTS[errno.ELOOP]}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def read_text(path: str | Path, error: type[UserError] = UserError) -> str:
@@ -120,18 +151,32 @@ def check_output_file(path: str | Path, flag: str, inputs: list[str | Path] = ()
     for item in inputs:
         if Path(item).resolve() == out:
             raise UserError(f"{flag} {path} is the input {item}: choose another path (outputs never replace inputs)")
+    check_writable(path.parent, flag)
     report_stale_temporaries(path)
     return path
 
 
 def check_output_dir_path(path: str | Path, flag: str) -> Path:
-    """Refuse, before any work, an output directory path that is a file or lies under a file."""
+    """Refuse, before any work, an output directory path that is a file, lies under a file, or cannot be
+    written (a read-only mount, no permission): the nearest existing folder must take new entries."""
     path = Path(path)
     for item in (path, *path.parents):
         if item.exists() and not item.is_dir():
             where = "is a file" if item == path else f"lies under {item}, which is a file"
             raise UserError(f"{flag} {path} {where}; pass a directory")
+    check_writable(path, flag)
     return path
+
+
+def check_writable(path: Path, flag: str) -> None:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if is_read_only(existing) else "is not writable by this user"
+        raise UserError(f"{flag} {path}: {existing} {why}; choose a writable place")
+
+
+def is_read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 _REPORTED: set[Path] = set()  # leftovers this process has already warned about
@@ -204,6 +249,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        raise_disk_fault(err, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -225,8 +273,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as err:
+        raise_disk_fault(err, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def raise_disk_fault(err: BaseException, path: Path) -> None:
+    """A disk fault while writing `path` becomes one line naming `path` (not its temporary); the caller's
+    finally removes the temporary. Anything else goes on as it was."""
+    fault = disk_fault(err)
+    if fault is not None:
+        raise UserError(f"writing {path}: {fault.split(': ', 1)[-1] if ': ' in fault else fault}") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llama_ner.io_utils import ModelLoadError
+from llama_ner.io_utils import ModelLoadError, read_json_object
 from llama_ner.tokenizer import LlamaSentencePieceTokenizer, is_sentencepiece
 from llama_ner.weights.llama_layout import parse_adapter_key
 from llama_ner.weights.model_files import adapter_weights_file, check_model_dir
@@ -66,6 +66,9 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path, model_di
     Without this, peft reports a size mismatch as a long traceback after loading everything.
     """
     file = adapter_weights_file(adapter_dir)
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = read_json_object(config_file, error=ModelLoadError)
+    rank, ranks = config.get("r"), config.get("rank_pattern") or {}
     reader = open_tensor_file(file)
     for key in reader.keys():
         try:
@@ -76,6 +79,11 @@ def check_adapter_fits(model: torch.nn.Module, adapter_dir: str | Path, model_di
             continue
         want = expected_weight_shape(model, name)
         got = reader.info(key).shape
+        if kind == "lora_A" and isinstance(rank, int) and not ranks and got[0] != rank:
+            raise ModelLoadError(
+                f"{config_file}: r is {rank} but {file.name} holds rank-{got[0]} tensors ({key}): the config belongs "
+                "to another adapter; copy the adapter_config.json saved with these weights"
+            )
         if want is None:
             raise ModelLoadError(f"{file}: {key} is for {name}, which {model_dir} lacks: an adapter for another model")
         fits = {"lora_A": got[-1:] == want[-1:], "lora_B": got[:1] == want[:1]}.get(kind, tuple(got) == want)
@@ -145,6 +153,17 @@ def check_quantization(bits: int, device: str, key: str = "quantization_bit") ->
         ) from None
 
 
+def keep_off_cpu_packing(model: torch.nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit layer for its AVX512-BF16 CPU kernel at the first no-grad forward, and
+    that repacking fails unless out_features % 32 == 0 and in_features % 64 == 0 (training never repacks, so
+    it works). Such layers take bitsandbytes' plain CPU path instead; the others keep the fast one."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and (module.out_features % 32 or module.in_features % 64):
+            module.support_avx512bf16_for_cpu = False
+
+
 def pretrained_kwargs(bits: int, dtype: torch.dtype, device: str) -> dict[str, Any]:
     """from_pretrained arguments loading the base in `dtype`, or quantized to `bits` with compute in `dtype`.
 
@@ -183,6 +202,8 @@ def load_model(
     device = device or default_device()
     kwargs = pretrained_kwargs(quantization_bit, resolve_dtype(dtype, device), device)
     model = AutoModelForCausalLM.from_pretrained(check_model_dir(path), **kwargs)
+    if quantization_bit == 4:
+        keep_off_cpu_packing(model)
     if tokenizer is not None:
         match_vocab(model, tokenizer)
     if adapter_path:

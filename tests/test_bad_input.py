@@ -118,6 +118,15 @@ CASES: dict[str, Case] = {
     "import/other-architecture": Case("import", ["--gguf", "{gguf_gpt2}", "--output_dir", "{out}/m"], 2, "'gpt2'"),
     "import/not-found": Case("import", ["--gguf", "{root}/none.gguf", "--output_dir", "{out}/m"], 2, "not found"),
     "import/not-gguf": Case("import", ["--gguf", "{dev}", "--output_dir", "{out}/m"], 2, "not a complete GGUF"),
+    # data rows that look right and are not
+    "train_trainer/answer-not-a-string": Case(
+        "train_trainer", [*TRAIN, "train_path={rows_answer_int}"], 2, ":2: column"
+    ),
+    "train_trainer/query-not-a-string": Case("train_trainer", [*TRAIN, "train_path={rows_query_int}"], 2, "'query'"),
+    "train_trainer/answer-empty": Case("train_trainer", [*TRAIN, "train_path={rows_answer_empty}"], 2, "write 没有"),
+    "train_trainer/json-array": Case("train_trainer", [*TRAIN, "train_path={rows_array}"], 2, "JSON lines"),
+    "test/answer-not-a-string": Case("test", [*TEST, "--dev_path={rows_answer_int}"], 2, ":2: column 'answer'"),
+    "test/json-array": Case("test", [*TEST, "--dev_path={rows_array}"], 2, "a JSON array"),
     # test.py
     "test/eval-batch-0": Case("test", [*TEST, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
     "test/gbk-dev": Case("test", [*TEST, "--dev_path={dev_gbk}"], 2, "GB18030"),
@@ -149,6 +158,8 @@ CASES: dict[str, Case] = {
     "predict/config-more-layers": Case("predict", [*PREDICT, "--model_dir={tiny_more_layers}"], 2, "lack"),
     # chat_ner.py
     "chat/lora-none": Case("chat", [*CHAT_OUT, "--lora_model", "none", "--data_file", "{text}"], 0, ""),
+    "chat/lora-config-other-rank": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_other_rank}"], 2, "r is 16"),
+    "test/lora-config-other-rank": Case("test", [*TEST, "--adapter_path={adapter_other_rank}"], 2, "rank-"),
     "chat/lora-empty": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "chat/lora-other-size": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
     "chat/lora-other-vocab": Case("chat", [*CHAT_OUT, "--lora_model", "{adapter_vocab}"], 2, "49954"),
@@ -285,6 +296,15 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
     long_row = {**json.loads(lines[0]), "query": "文本：" + "北京是中国的首都。" * 22000}
     w["long_row"] = root / "long_row.txt"
     w["long_row"].write_text(json.dumps(long_row, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows = [json.loads(line) for line in lines]
+    for name, bad in (("answer_int", {"answer": 5}), ("query_int", {"query": 5}), ("answer_empty", {"answer": " "})):
+        w[f"rows_{name}"] = root / f"rows_{name}.txt"
+        broken = [rows[0], {**rows[1], **bad}, rows[2]]
+        w[f"rows_{name}"].write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in broken), encoding="utf-8"
+        )
+    w["rows_array"] = root / "array.txt"
+    w["rows_array"].write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
     w["broken_json"] = root / "train_args.json"
     w["broken_json"].write_text('{"model_dir": "x",\n', encoding="utf-8")
 
@@ -307,6 +327,9 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
         w["adapter_vocab"] / "adapter_model.safetensors",
     )
     truncated(w["adapter_damaged"] / "adapter_model.safetensors", w["adapter"] / "adapter_model.safetensors")
+    w["adapter_other_rank"] = linked_copy(w["adapter"], root / "adapter_other_rank")  # r=16 over r=32 tensors
+    (w["adapter_other_rank"] / "adapter_config.json").unlink()
+    (w["adapter_other_rank"] / "adapter_config.json").write_text(json.dumps({**json.loads(config), "r": 16}))
 
     # model folders: damaged weights, broken config.json
     w["tiny_damaged"] = linked_copy(tiny_alpaca, root / "tiny_damaged")
@@ -548,3 +571,54 @@ def test_a_port_another_training_holds_is_named_with_the_fix():
     last = proc.stderr.strip().splitlines()[-1]
     assert f"port {port} on 127.0.0.1 is taken" in last and "--master_port" in last, last
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def small_disks(tmp_path):
+    """A 256 kB tmpfs (fills at once) and a read-only one, mounted for the test (CI runs as root)."""
+    full, read_only = tmp_path / "full", tmp_path / "read_only"
+    full.mkdir()
+    read_only.mkdir()
+    mounted = []
+    try:
+        for folder, options in ((full, "size=256k"), (read_only, "size=64k,ro")):
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); needs root")
+            mounted.append(folder)
+        yield full, read_only
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "disk", "words"),
+    [
+        ("export", "full", "No space left on device"),
+        ("process", "full", "No space left on device"),
+        ("export", "read_only", "read-only file system"),
+        ("train_trainer", "read_only", "read-only file system"),
+    ],
+)
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(world, small_disks, case, disk, words):
+    """A writer on a full disk fails in one line and removes its temporary; a read-only place is found before
+    any model loads."""
+    full, read_only = small_disks
+    place = full if disk == "full" else read_only
+    argv = {
+        "export": ["export_gguf.py", "--model_dir", str(world["tiny"]), "--output", str(place / "x.gguf")],
+        "process": ["process.py", f"--in_file={MSRA_BIO}", f"--out_file={place / 'train.txt'}"],
+        "train_trainer": ["train_trainer.py", *(a.format(**world, out=place) for a in TRAIN)],
+    }[case]
+    if case == "process":  # MSRA's test set is 1.3 MB of JSON lines: more than the disk holds
+        argv[1] = f"--in_file={MSRA_BIO}"
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and words.lower() in last.lower(), last
+    assert "Traceback" not in proc.stderr
+    assert not any(place.iterdir()), list(place.iterdir())
+    if disk == "read_only":
+        assert "loading" not in proc.stdout.lower() and "trainable params" not in proc.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, import_script
+from conftest import ROOT, import_script, write_rows
 from dataset import load_data
 from llama_ner.io_utils import ModelLoadError
 from llama_ner.model_loading import load_model
@@ -309,3 +309,24 @@ def test_qlora_trainer_two_ranks_with_gradient_checkpointing(ops_ready, tiny_alp
     recorded = json.loads((save_dir / "adapter_model" / "train_args.json").read_text("utf-8"))
     assert recorded["gradient_checkpointing"] is True
     assert json.loads((save_dir / "adapter_model" / "resume_state.json").read_text())["world_size"] == 2
+
+
+def test_4bit_generation_on_the_cpu_with_layers_its_fast_kernel_cannot_pack(tmp_path):
+    """A hidden-128 model (intermediate 336: not a multiple of 32 out / 64 in): bitsandbytes' AVX512-BF16 CPU
+    kernel would fail repacking those 4-bit layers at the first generation; test.py answers all the same."""
+    import bitsandbytes as bnb
+
+    from llama_ner.tiny_models import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "tiny128", "alpaca", hidden_size=128)
+    rows = load_data(MSRA)[:2]
+    seen = write_rows(tmp_path / "seen.txt", rows)
+    save_dir, _ = train_memorized_lora(base, rows, tmp_path / "run", seen, epochs=1, quantization_bit=4)
+    model = load_model(base, save_dir / "adapter_model", "float32", "cpu", quantization_bit=4)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and any(m.out_features % 32 for m in layers)  # the shapes that failed
+    metrics = import_script("test").main(
+        [f"--train_args_path={save_dir / 'adapter_model' / 'train_args.json'}", f"--dev_path={seen}",
+         f"--output_dir={tmp_path}", "--max_new_tokens=4"]
+    )  # fmt: skip
+    assert metrics["n"] == 2 and metrics["malformed"] == 0

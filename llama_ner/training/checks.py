@@ -26,9 +26,9 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
 
     Returns (train_rows, dev_rows); dev_rows is empty when dev_path is "".
     """
-    columns = (args.instruct_column, args.response_column)
-    train_rows = load_data(args.train_path, columns)
-    dev_rows = load_data(args.dev_path, columns) if args.dev_path else []
+    columns, optional = (args.instruct_column, args.response_column), (args.query_column,)
+    train_rows = load_data(args.train_path, columns, args.response_column, optional)
+    dev_rows = load_data(args.dev_path, columns, args.response_column, optional) if args.dev_path else []
     if args.dev_max_rows > 0:
         dev_rows = dev_rows[: args.dev_max_rows]
     check_model_files(args.model_dir)
