@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tokenizer_dir", default=None, help="tokenizer.model / tokenizer.json folder (default: --model_dir)"
     )
     parser.add_argument("--tokenizer_pre", default=None, help="llama.cpp pre-tokenizer of a BPE tokenizer.json "
-                        "(gpt2, llama-bpe, smollm, ...); default: recognized from its pre_tokenizer")  # fmt: skip
+                        "(gpt-2, llama-bpe, smollm, ...); default: recognized from its pre_tokenizer")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return parser.parse_args(argv)
 

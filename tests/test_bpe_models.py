@@ -6,6 +6,7 @@ and the exported GGUF in llama.cpp."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -174,3 +175,46 @@ def test_training_refuses_a_chat_template_the_tokenizer_lacks(tiny_alpaca, tmp_p
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("config error: prompt_template=chat") and "no chat template" in last, last
     assert not (tmp_path / "run").exists()
+
+
+def test_serve_answers_ner_and_chat_in_the_loras_format(bpe_memorized):
+    """serve.py takes prompt_template=chat from the LoRA's train_args.json: /v1/ner gives the memorized answers,
+    and a chat message goes through the tokenizer's chat template (as the NER prompt does)."""
+    import httpx
+
+    from serve import ServerProcess
+
+    rows = bpe_memorized["rows"][:2]
+    argv = ["--base_model", str(bpe_memorized["base"]), "--lora_model", str(bpe_memorized["train_args"].parent),
+            "--only_cpu"]  # fmt: skip
+    with ServerProcess(argv) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        texts = [r["query"].removeprefix("文本：") for r in rows]
+        response = client.post("/v1/ner", json={"texts": texts})
+        assert response.status_code == 200, response.text
+        assert [r["answer"] for r in response.json()["results"]] == [r["answer"] for r in rows]
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": f"{rows[0]['instruct']}\n{rows[0]['query']}"}]},
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["content"] == rows[0]["answer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["train_trainer.py", "train_deepspeed.py"])
+def test_both_trainers_train_a_tokenizer_json_model_in_the_chat_format(bpe_memorized, tmp_path, trainer):
+    """One process, no launcher: the run records prompt_template=chat, and its batches are the chat template's."""
+    from config_utils import load_config
+
+    rows = write_rows(tmp_path / "rows.txt", bpe_memorized["rows"][:4])
+    save_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, trainer, f"model_dir={bpe_memorized['base']}", "prompt_template=chat", f"train_path={rows}",
+         "dev_path=", f"save_dir={save_dir}", "train_batch_size=4", "learning_rate=1e-3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = load_config(save_dir / "adapter_model" / "train_args.json")
+    assert (
+        recorded["prompt_template"] == "chat" and (save_dir / "adapter_model" / "adapter_model.safetensors").is_file()
+    )

@@ -316,13 +316,6 @@ def test_bad_request_is_a_4xx_json_error(client, case):
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "fix"),
-    [
-        ("/v1/ner", {"texts": ["北京" * 400]}, "--max_new_tokens"),  # /v1/ner has no max_tokens
-        ("/v1/completions", {"prompt": "北京" * 400, "max_tokens": 200}, "lower max_tokens"),
-    ],
-)
-@pytest.mark.parametrize(
     ("content", "headers", "words"),
     [
         (b"texts=abc", {"Content-Type": "application/x-www-form-urlencoded"}, "Content-Type: application/json"),
@@ -336,6 +329,13 @@ def test_a_body_sent_the_wrong_way_says_how_to_send_it(client, content, headers,
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "fix"),
+    [
+        ("/v1/ner", {"texts": ["北京" * 400]}, "--max_new_tokens"),  # /v1/ner has no max_tokens
+        ("/v1/completions", {"prompt": "北京" * 400, "max_tokens": 200}, "lower max_tokens"),
+    ],
+)
 def test_too_long_input_names_the_right_knob(client, path, body, fix):
     response = client.post(path, json=body)
     assert response.status_code == 400 and fix in response.json()["error"]["message"], response.text

@@ -67,7 +67,7 @@ def gguf_tensor(name: str, tensor: torch.Tensor, config: dict) -> np.ndarray:
 
 # tokenizer.json pre_tokenizer -> llama.cpp's tokenizer.ggml.pre (what it splits text with before BPE)
 PRE_TOKENIZERS = {
-    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}': "gpt2",
+    '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}': "gpt-2",
     '{"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, '
     '{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}': "smollm",
 }
@@ -84,7 +84,7 @@ def tokenizer_pre(tokenizer: Any) -> str:
         return "llama-bpe"  # Llama-3's Split regex + ByteLevel
     raise ValueError(
         f"the tokenizer's pre_tokenizer {key[:200]} has no llama.cpp name here; pass --tokenizer_pre NAME "
-        "(llama.cpp's tokenizer.ggml.pre, e.g. gpt2, llama-bpe, smollm)"
+        "(llama.cpp's tokenizer.ggml.pre, e.g. gpt-2, llama-bpe, smollm)"
     )
 
 
