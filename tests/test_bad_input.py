@@ -317,6 +317,7 @@ def world(tiny_alpaca, tmp_path_factory) -> dict[str, Path]:
         w[name] = root / name
         w[name].mkdir()
         (w[name] / "adapter_config.json").write_text(config)
+    (w["adapter_wide"] / "adapter_config.json").write_text(json.dumps({**json.loads(config), "r": 8}))  # its rank
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     save_file(  # trained on a hidden-128 model
         {f"{prefix}.lora_A.weight": torch.zeros(8, 128), f"{prefix}.lora_B.weight": torch.zeros(128, 8)},
