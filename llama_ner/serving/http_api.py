@@ -104,7 +104,7 @@ def field_name(loc: tuple) -> str:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
     name = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if part in UNION_TAGS:  # pydantic names the union member it tried: prompt.str
+        if part in UNION_TAGS or (isinstance(part, str) and "[" in part):  # the union member tried: prompt.str
             continue
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
     return name or "body"
