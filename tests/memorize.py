@@ -55,6 +55,7 @@ def train_memorized_lora(
     args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
     args["quantization_bit"] = quantization_bit
     args["prompt_template"] = prompt_template
+    args["max_seq_length"] = 512 if prompt_template == "chat" else args["max_seq_length"]  # the system prompt too
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, **pretrained_kwargs(quantization_bit, torch.float32, "cpu"))
