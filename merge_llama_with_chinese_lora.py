@@ -123,12 +123,12 @@ def lora_scale(config: dict, where: Path) -> tuple[float, bool]:
     return scale, bool(config.get("fan_in_fan_out", False))
 
 
-def lora_tokenizer_dir(path: Path, base_dir: Path) -> Path:
+def lora_tokenizer_dir(path: Path, base_dir: Path | None) -> Path:
     """The folder of the tokenizer a LoRA was trained with: its own (the published Chinese LoRAs ship one), else
     the base model's (an adapter trained here kept the base's vocabulary)."""
     if any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         return path
-    if any((base_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+    if base_dir is not None and any((base_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         print(f"{path}: no tokenizer of its own; using {base_dir}'s (the adapter kept the base's vocabulary)")
         return base_dir
     raise ModelLoadError(
@@ -137,7 +137,7 @@ def lora_tokenizer_dir(path: Path, base_dir: Path) -> Path:
     )
 
 
-def load_lora(path: Path, base_dir: Path) -> Lora:
+def load_lora(path: Path, base_dir: Path | None = None) -> Lora:
     if not path.is_dir():
         raise ModelLoadError(f"--lora_model {path} is not a directory; pass the LoRA folder(s), comma-separated")
     config_file = path / "adapter_config.json"
@@ -327,7 +327,8 @@ def checksum_files(base_files: list[Path], loras: list[Lora], hidden: int) -> li
     files = [(p, None) for p in base_files]
     for lora in loras:
         if is_sentencepiece(lora.tokenizer):
-            files.append((lora.path / "tokenizer.model", tokenizer_claim(lora.tokenizer.sp_model.get_piece_size())))
+            pieces = lora.tokenizer.sp_model.get_piece_size()
+            files.append((Path(lora.tokenizer.vocab_file), tokenizer_claim(pieces)))
         chinese = lora.rows(EMBED) in (49953, 49954) and lora.adapter_file.suffix == ".bin"  # not a user's own
         claim = f"Chinese LoRA {size} adapter_model.bin" if size and chinese else None
         files.append((lora.adapter_file, claim))

@@ -101,7 +101,7 @@ def test_bio_adjacent_entities_and_stray_inside_tag(tmp_path):
             '"entity": "a"}]}\n',
             ":1",
         ),
-        ("北\tB-LOC\n京 I-LOC\n", ":2"),
+        ("北\tB-LOC\n京I-LOC\n", ":2"),  # neither a tab nor a space after the character
         ("北\tB-LOC\n京\tX-LOC\n", ":2"),
     ],
 )
