@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from config_utils import Config, ConfigError
 from dataset import IGNORE_INDEX, NerCollate
-from llama_ner.model_loading import check_adapter_fits, match_vocab, pretrained_kwargs
+from llama_ner.model_loading import check_adapter_fits, keep_off_cpu_packing, match_vocab, pretrained_kwargs
 from llama_ner.tokenizer import load_tokenizer
 from llama_ner.training.processes import is_main_process, train_device
 from llama_ner.weights.model_files import check_model_dir
@@ -59,6 +59,8 @@ def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module
     model.config.use_cache = False
     if args.quantization_bit:
         model = prepare_kbit(model, dtype)
+    if args.quantization_bit == 4:
+        keep_off_cpu_packing(model)  # the dev loss runs without grad, where bitsandbytes would repack
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.peft_path:
