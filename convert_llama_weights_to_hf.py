@@ -52,14 +52,9 @@ from llama_ner.weights.llama_layout import (
     rotary_heads,
 )
 from llama_ner.weights.model_files import MODEL_SIZE_BY_DIM, check_output_dir, report_checksums, tokenizer_claim
-from llama_ner.weights.tensor_io import (
-    SafetensorsShards,
-    TensorInfo,
-    TorchZipFile,
-    parse_size,
-    plan_shards,
-    print_summary,
-)
+from llama_ner.weights.tensor_io import TensorInfo
+from llama_ner.weights.tensor_read import TorchZipFile
+from llama_ner.weights.tensor_write import SafetensorsShards, parse_size, plan_shards, print_summary
 
 
 def find_tokenizer(input_dir: Path, weights_dir: Path) -> Path:

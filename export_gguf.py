@@ -42,7 +42,8 @@ from llama_ner.tokenizer import is_sentencepiece, load_tokenizer
 from llama_ner.weights.llama_gguf import GGUF_FILE_NAME, hf_to_gguf_name, tokenizer_pre, write_gguf
 from llama_ner.weights.llama_layout import IGNORED_HF_SUFFIXES, hf_sort_key
 from llama_ner.weights.model_files import check_model_files, input_files, read_model_config
-from llama_ner.weights.tensor_io import TensorSource, print_summary
+from llama_ner.weights.tensor_read import TensorSource
+from llama_ner.weights.tensor_write import print_summary
 
 
 def export(model_dir: Path, output: Path, tokenizer_dir: Path, overwrite: bool = False, pre: str | None = None) -> Path:

@@ -38,7 +38,7 @@ import torch
 from llama_ner.io_utils import atomic_dir
 from llama_ner.weights.gguf_import import check_gguf, import_gguf
 from llama_ner.weights.model_files import check_output_dir, report_checksums
-from llama_ner.weights.tensor_io import print_summary
+from llama_ner.weights.tensor_write import print_summary
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -77,15 +77,9 @@ from llama_ner.weights.model_files import (
     report_checksums,
     tokenizer_claim,
 )
-from llama_ner.weights.tensor_io import (
-    SafetensorsShards,
-    TensorInfo,
-    TensorSource,
-    TorchZipWriter,
-    parse_size,
-    plan_shards,
-    print_summary,
-)
+from llama_ner.weights.tensor_io import TensorInfo
+from llama_ner.weights.tensor_read import TensorSource
+from llama_ner.weights.tensor_write import SafetensorsShards, TorchZipWriter, parse_size, plan_shards, print_summary
 
 
 @dataclass

@@ -15,7 +15,7 @@ from llama_ner.io_utils import ModelLoadError, read_json_object
 from llama_ner.tokenizer import LlamaSentencePieceTokenizer, is_sentencepiece
 from llama_ner.weights.llama_layout import parse_adapter_key
 from llama_ner.weights.model_files import adapter_weights_file, check_model_dir
-from llama_ner.weights.tensor_io import open_tensor_file
+from llama_ner.weights.tensor_read import open_tensor_file
 
 QUANTIZATION_BITS = (0, 4, 8)  # quantization_bit: 0 = none, 4 = NF4 (QLoRA), 8 = LLM.int8 (bitsandbytes)
 

@@ -38,7 +38,8 @@ import torch
 from llama_ner.tokenizer import build_chinese_sp_model, load_tokenizer, save_tokenizer
 from llama_ner.training.train_config import LORA_TARGETS
 from llama_ner.weights.llama_layout import expected_shapes, params_to_config, shard_pieces
-from llama_ner.weights.tensor_io import TensorInfo, TorchZipWriter
+from llama_ner.weights.tensor_io import TensorInfo
+from llama_ner.weights.tensor_write import TorchZipWriter
 
 HUB = Path(__file__).resolve().parent.parent / "model_hub"
 LLAMA_SP = HUB / "tokenizer.model"

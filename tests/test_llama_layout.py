@@ -1,4 +1,4 @@
-"""Pure functions of llama_layout and the streaming readers/writers of tensor_io."""
+"""Pure functions of llama_layout and the streaming readers/writers (weights.tensor_read, tensor_write)."""
 
 from __future__ import annotations
 
@@ -23,14 +23,9 @@ from llama_ner.weights.llama_layout import (
     unpermute,
 )
 from llama_ner.weights.model_files import checksum_verdict
-from llama_ner.weights.tensor_io import (
-    SafetensorsFile,
-    SafetensorsShards,
-    TensorInfo,
-    TorchZipFile,
-    TorchZipWriter,
-    plan_shards,
-)
+from llama_ner.weights.tensor_io import TensorInfo
+from llama_ner.weights.tensor_read import SafetensorsFile, TorchZipFile
+from llama_ner.weights.tensor_write import SafetensorsShards, TorchZipWriter, plan_shards
 
 
 def meta_rotary(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

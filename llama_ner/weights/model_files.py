@@ -21,7 +21,7 @@ from llama_ner.io_utils import (
     sha256_file,
 )
 from llama_ner.weights.llama_layout import hf_expected_shapes
-from llama_ner.weights.tensor_io import SafetensorsFile, TorchZipFile, open_tensor_file
+from llama_ner.weights.tensor_read import SafetensorsFile, TorchZipFile, open_tensor_file
 
 # config.json keys a LLaMA needs; a missing one would make transformers fall back to 7B's default geometry
 REQUIRED_CONFIG_KEYS = {
