@@ -235,7 +235,8 @@ def test_gbnf_constrains_llama_cpp(alpaca, tmp_path):
 
     from dataset import build_prompt, ner_row
     from llama_ner.generation.metrics import ENTITY_TYPES
-    from llama_ner.generation.ner_constraint import TextGrammar, gbnf, vocab_of
+    from llama_ner.generation.ner_constraint import gbnf
+    from llama_ner.generation.ner_grammar import TextGrammar, vocab_of
 
     llm = llama_cpp_model(alpaca["gguf_file"])
     vocab = vocab_of(load_tokenizer(alpaca["huggingface"]))

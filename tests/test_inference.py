@@ -16,7 +16,8 @@ import torch
 from conftest import MSRA, ROOT, import_script
 from dataset import build_prompt
 from llama_ner.generation.generate import generate_answers
-from llama_ner.generation.ner_constraint import NerConstraint, TextGrammar, text_of_query, vocab_of
+from llama_ner.generation.ner_constraint import NerConstraint, text_of_query
+from llama_ner.generation.ner_grammar import TextGrammar, vocab_of
 from llama_ner.io_utils import UserError
 from llama_ner.model_loading import load_model
 from llama_ner.tokenizer import load_tokenizer

@@ -12,15 +12,8 @@ from conftest import ROOT
 from dataset import build_prompt, ner_row, prompt_format
 from llama_ner.generation.generate import decode_new_tokens
 from llama_ner.generation.metrics import parse_answer
-from llama_ner.generation.ner_constraint import (
-    NerConstraint,
-    State,
-    TextGrammar,
-    gbnf,
-    load_entity_types,
-    main,
-    vocab_of,
-)
+from llama_ner.generation.ner_constraint import NerConstraint, gbnf, load_entity_types, main
+from llama_ner.generation.ner_grammar import State, TextGrammar, vocab_of
 from llama_ner.io_utils import UserError
 from llama_ner.tokenizer import is_sentencepiece, load_tokenizer
 
