@@ -18,13 +18,7 @@ from typing import Any
 
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
-from llama_ner.generation.inference import (
-    answer_constraint,
-    config_prompt_format,
-    load_trained,
-    resolve_config,
-    row_prompt,
-)
+from llama_ner.generation.inference import answer_rows, load_trained, resolve_config
 from llama_ner.generation.metrics import score
 from llama_ner.io_utils import read_lines, run_cli
 
@@ -91,24 +85,11 @@ def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> Non
 def main(argv: list[str] | None = None) -> list[str]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.generation.generate import generate_answers  # torch and transformers: after the command line is read
-
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
-    fmt = config_prompt_format(config, tokenizer)
-    prompts = [row_prompt(r, config, fmt) for r in rows]
-    constraint = answer_constraint(config, tokenizer, rows)
-    predictions = generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        config.eval_batch_size,
-        config.max_new_tokens,
-        constraint=constraint,
-        prompt_format=fmt,
-    )
+    predictions, _ = answer_rows(model, tokenizer, rows, config)
     show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]
     summary = f"{len(rows)} texts predicted"

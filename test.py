@@ -18,14 +18,7 @@ from typing import Any
 
 from config_utils import ConfigError, print_config
 from dataset import load_data
-from llama_ner.generation.inference import (
-    adapter_dir,
-    answer_constraint,
-    config_prompt_format,
-    load_trained,
-    resolve_config,
-    row_prompt,
-)
+from llama_ner.generation.inference import adapter_dir, answer_rows, load_trained, resolve_config
 from llama_ner.generation.metrics import format_table, score
 from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
@@ -53,8 +46,6 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
-    from llama_ner.generation.generate import generate_answers  # torch and transformers: after the command line is read
-
     if not config.dev_path:
         raise ConfigError(f"{config.train_args_path}: dev_path is empty; pass --dev_path=<instruction JSON lines>")
     out_dir = Path(config.output_dir or config.save_dir)
@@ -66,18 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = rows[: config.max_rows]
     model, tokenizer = load_trained(config)
     start = time.perf_counter()
-    fmt = config_prompt_format(config, tokenizer)
-    prompts = [row_prompt(r, config, fmt) for r in rows]
-    constraint = answer_constraint(config, tokenizer, rows)
-    predictions = generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        config.eval_batch_size,
-        config.max_new_tokens,
-        constraint=constraint,
-        prompt_format=fmt,
-    )
+    predictions, constraint = answer_rows(model, tokenizer, rows, config)
     seconds = time.perf_counter() - start
     metrics = score([r[config.response_column] for r in rows], predictions)
     adapter = adapter_dir(config)

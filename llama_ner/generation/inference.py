@@ -171,6 +171,23 @@ def ner_answers(
     )
 
 
+def answer_rows(
+    model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], config: Config
+) -> tuple[list[str], NerConstraint | None]:
+    """test.py's and predict.py's answers for data rows: the training prompt, the constraint (unless
+    constrained=false), batched greedy generation. Returns (answers, the constraint used or None)."""
+    from llama_ner.generation.generate import generate_answers
+
+    fmt = config_prompt_format(config, tokenizer)
+    prompts = [row_prompt(row, config, fmt) for row in rows]
+    constraint = answer_constraint(config, tokenizer, rows)
+    answers = generate_answers(
+        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint,
+        prompt_format=fmt,
+    )  # fmt: skip
+    return answers, constraint
+
+
 def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
     """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
     from llama_ner.generation.ner_constraint import NerConstraint, load_entity_types, text_of_query
