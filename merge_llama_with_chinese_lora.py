@@ -126,7 +126,7 @@ def lora_tokenizer_dir(path: Path, base_dir: Path | None) -> Path:
         print(f"{path}: no tokenizer of its own; using {base_dir}'s (the adapter kept the base's vocabulary)")
         return base_dir
     raise ModelLoadError(
-        f"{path}: no tokenizer.model or tokenizer.json, nor in {base_dir}: each LoRA folder needs the tokenizer "
+        f"{path}: no tokenizer.model or tokenizer.json (nor in the base model): each LoRA folder needs the tokenizer "
         "it was trained with (copy the base model's if the LoRA kept its vocabulary)"
     )
 

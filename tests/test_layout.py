@@ -4,6 +4,7 @@ goes to its own layer or below; the package imports no root script but config_ut
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -32,10 +33,12 @@ def imports_of(path) -> list[str]:
     return names
 
 
-def test_each_module_imports_only_its_layer_or_below():
+def wrong_imports(package: Path) -> list[str]:
+    """Every import of a module under `package` (laid out like llama_ner) that goes to a higher layer, or to a
+    root script other than config_utils/dataset."""
     wrong = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(("llama_ner", *path.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
         own = layer(module)
         for target in imports_of(path):
             top = target.split(".")[0]
@@ -47,12 +50,24 @@ def test_each_module_imports_only_its_layer_or_below():
             same_rank_other = RANK.get(theirs, 0) == RANK.get(own, 0) and theirs != own and own != "base"
             if RANK.get(theirs, 0) > RANK.get(own, 0) or same_rank_other:
                 wrong.append(f"{module} ({own}) imports {target} ({theirs})")
+    return wrong
+
+
+def test_each_module_imports_only_its_layer_or_below():
+    wrong = wrong_imports(PACKAGE)
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_check_sees_a_wrong_import(tmp_path):
-    """The check above would notice weights importing generation."""
-    bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from llama_ner.generation.metrics import parse_line\n", encoding="utf-8")
-    assert imports_of(bad) == ["llama_ner.generation.metrics"]
-    assert RANK[layer("llama_ner.generation.metrics")] > RANK[layer("llama_ner.weights.llama_gguf")]
+def test_the_check_finds_an_upward_import(tmp_path):
+    """A weights module importing generation (inside a function), a generation module importing training, and
+    one importing a root script are each found; an import of the base is not."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "generation").mkdir()
+    (tmp_path / "weights" / "bad.py").write_text("def f():\n    from llama_ner.generation.metrics import score\n")
+    (tmp_path / "generation" / "bad.py").write_text("import llama_ner.training.model\nimport test\n")
+    (tmp_path / "weights" / "good.py").write_text("from llama_ner.io_utils import UserError\nimport dataset\n")
+    assert wrong_imports(tmp_path) == [
+        "llama_ner.generation.bad (generation) imports llama_ner.training.model (training)",
+        "llama_ner.generation.bad imports the root script test",
+        "llama_ner.weights.bad (weights) imports llama_ner.generation.metrics (generation)",
+    ]
