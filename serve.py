@@ -11,12 +11,21 @@ entities with character spans, GET / (a page; /?text=... runs at once). The mode
 as chat_ner.py loads it; NER answers are generated as test.py generates them (greedy, the
 training prompt, constrained answers unless a request says "constrained": false); concurrent
 requests are batched (batching.py). The app is http_api.py.
+
+Engines: --engine hf (default) generates in this process; --engine vllm starts vLLM's OpenAI server for
+the base model and the LoRA on a private 127.0.0.1 port (from .venv-vllm: make vllm) and sends it every
+input (continuous batching); --engine_url URL drives a vLLM already running anywhere (a GPU box, several
+GPUs, several nodes). Same endpoints, same answers (greedy, fp32): docs/vllm.md.
+
+    python serve.py --base_model ... --lora_model ... --engine vllm
+    python serve.py --base_model ... --lora_model ... --engine_url http://gpu-box:8000 --engine_model ner
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -47,7 +56,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_texts", type=int, default=64, help="most texts (/v1/ner) or prompts (/v1/completions) per request"
     )
     p.add_argument("--model_name", default="chinese-alpaca-ner", help="the model id /v1/models reports")
+    p.add_argument(
+        "--engine",
+        default=None,
+        choices=["hf", "vllm"],
+        help="hf: generate in this process (default); vllm: on vLLM (started here unless --engine_url)",
+    )
+    p.add_argument("--engine_url", default="", help="a running vLLM OpenAI server to generate on (implies vllm)")
+    p.add_argument(
+        "--engine_model",
+        default="",
+        help="the id to ask --engine_url for (default: ner with a --lora_model, else --base_model)",
+    )
+    p.add_argument("--engine_api_key", default=None, help="the --api-key the vLLM at --engine_url was started with")
+    p.add_argument("--engine_port", type=int, default=0, help="port of the vLLM started here (0: a free one)")
+    p.add_argument(
+        "--vllm_python",
+        default="",
+        help="python of vLLM's environment (default: $VLLM_PYTHON, else ./.venv-vllm/bin/python)",
+    )
+    p.add_argument("--vllm_args", default="", help='more flags for the vLLM started here, e.g. '
+                   '"--tensor-parallel-size 2 --gpu-memory-utilization 0.8"')  # fmt: skip
     args = p.parse_args(argv)
+    args.engine = args.engine or ("vllm" if args.engine_url else "hf")
+    if args.engine == "hf" and args.engine_url:
+        raise UserError("--engine hf with --engine_url: the URL is a vLLM server; pass --engine vllm (or drop it)")
+    if args.engine == "hf" and (args.vllm_args or args.engine_port):
+        raise UserError("--vllm_args / --engine_port are for --engine vllm; add --engine vllm or drop them")
+    if args.engine_url and not re.match(r"https?://", args.engine_url):
+        raise UserError(f"--engine_url {args.engine_url}: give a URL such as http://127.0.0.1:8000")
     for name in ("max_batch_size", "max_new_tokens", "max_texts"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -94,14 +131,63 @@ def main(argv: list[str] | None = None) -> None:
     args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
     check_token_budget(args)
     sock = bind(args.host, args.port)
-    model, tokenizer = load_from_args(args)
+    engine, tokenizer = hf_engine(args) if args.engine == "hf" else vllm_engine(args)
     args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
-    app = create_app(model, tokenizer, args)
+    app = create_app(engine, tokenizer, args)
     host, port = sock.getsockname()[:2]
     print(f"serving {args.model_name} on http://{host}:{port} (page: /, API: /v1/...)", flush=True)
     if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print("warning: listening beyond this machine without --api_key: anyone who can reach it can use it")
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        if getattr(engine, "server", None) is not None:
+            print("stopping vLLM", flush=True)
+            engine.server.stop()
+
+
+def hf_engine(args: argparse.Namespace) -> tuple[object, object]:
+    """(Batcher over the model loaded here, tokenizer)."""
+    from llama_ner.serving.batching import Batcher
+
+    model, tokenizer = load_from_args(args)
+    return Batcher(model, tokenizer, args.max_batch_size), tokenizer
+
+
+def vllm_engine(args: argparse.Namespace) -> tuple[object, object]:
+    """(VllmEngine on the vLLM at --engine_url, or on one started here for the model flags, tokenizer)."""
+    from llama_ner.generation.inference import base_bits, tokenizer_dir
+    from llama_ner.generation.vllm_client import connect
+    from llama_ner.generation.vllm_process import VllmLaunch
+    from llama_ner.serving.vllm_engine import VllmEngine
+    from llama_ner.tokenizer import load_tokenizer
+    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
+
+    if base_bits(args):
+        raise UserError("--engine vllm serves the base unquantized here: drop --load_in_kbits, or use --engine hf")
+    if not args.engine_url:
+        check_model_files(args.base_model)
+        if args.lora_model:
+            adapter_weights_file(args.lora_model)
+    tokenizer = load_tokenizer(tokenizer_dir(args))
+    launch = VllmLaunch(
+        args.base_model, args.lora_model, vllm_dtype(args.dtype, args.only_cpu), args.engine_port, args.vllm_python,
+        shlex.split(args.vllm_args),
+    )  # fmt: skip
+    key = args.engine_api_key
+    client, server, positions = connect(tokenizer, args.base_model, args.lora_model, args.engine_url,
+                                        args.engine_model, key, launch)  # fmt: skip
+    print(f"engine: vLLM at {client.url}, model {client.model}, {positions} positions", flush=True)
+    return VllmEngine(client, positions, server), tokenizer
+
+
+def vllm_dtype(dtype: str, only_cpu: bool) -> str:
+    """--dtype for vLLM: auto is float32 on the CPU (the hf engine's greedy tokens exactly), vLLM's own on a GPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "auto" if torch.cuda.is_available() and not only_cpu else "float32"
 
 
 class ServerProcess:

@@ -18,7 +18,7 @@ from typing import Any
 
 from config_utils import ConfigError, print_config
 from dataset import load_data
-from llama_ner.generation.inference import adapter_dir, answer_rows, load_trained, resolve_config
+from llama_ner.generation.inference import adapter_dir, engine_answer_rows, resolve_config
 from llama_ner.generation.metrics import format_table, score
 from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = load_data(config.dev_path, columns, config.response_column, (config.query_column,))
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
-    model, tokenizer = load_trained(config)
     start = time.perf_counter()
-    predictions, constraint = answer_rows(model, tokenizer, rows, config)
+    predictions, constraint = engine_answer_rows(rows, config)
     seconds = time.perf_counter() - start
     metrics = score([r[config.response_column] for r in rows], predictions)
     adapter = adapter_dir(config)
@@ -66,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
     print(format_table(metrics))
     print(
-        f"{len(rows)} rows in {seconds:.1f}s ({len(rows) / seconds:.2f} rows/s); "
+        f"{len(rows)} rows in {seconds:.1f}s, model loading included ({len(rows) / seconds:.2f} rows/s, engine "
+        f"{config.engine}); "
         f"wrote {out_dir / 'test_predictions.jsonl'} and {out_dir / 'test_metrics.json'}"
     )
     return metrics

@@ -44,6 +44,11 @@ EVAL_DEFAULTS = {
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
     "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
     "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
+    "engine": "hf",  # hf: generate in this process; vllm: on a vLLM server (docs/vllm.md), same answers in fp32
+    "engine_url": "",  # engine vllm: a running vLLM OpenAI server; '' = start one (.venv-vllm, make vllm)
+    "engine_model": "",  # the id to ask engine_url for; '' = ner with an adapter, else model_dir
+    "vllm_python": "",  # python of vLLM's environment; '' = $VLLM_PYTHON, else ./.venv-vllm/bin/python
+    "vllm_args": "",  # more flags for the vLLM started here, e.g. "--tensor-parallel-size 2"
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -75,6 +80,10 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
     defaults["train_args_path"] = path
     config = ConfigParser(defaults, description, sources).parse(argv)
     require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    if config.engine not in ("hf", "vllm"):
+        raise ConfigError(f"engine={config.engine!r}: use hf (this process) or vllm (a vLLM server)")
+    if config.engine == "hf" and (config.engine_url or config.vllm_args):
+        raise ConfigError("engine_url / vllm_args are for engine=vllm: pass --engine=vllm, or drop them")
     if not re.fullmatch(r"|auto|cpu|cuda(:\d+)?", config.device):
         raise ConfigError(
             f"device={config.device!r}: use cpu, cuda, cuda:N (a GPU's index) or auto (cuda if any, else cpu)"
@@ -185,6 +194,52 @@ def answer_rows(
         model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint,
         prompt_format=fmt,
     )  # fmt: skip
+    return answers, constraint
+
+
+def engine_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
+    """answer_rows on the configured engine: the model loaded here (hf), or a vLLM server (the same answers)."""
+    if config.engine == "hf":
+        model, tokenizer = load_trained(config)
+        return answer_rows(model, tokenizer, rows, config)
+    return vllm_answer_rows(rows, config)
+
+
+def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
+    """answer_rows on vLLM: the same prompts as token ids, the same constraint, checked token by token."""
+    import shlex
+
+    from tqdm import tqdm
+
+    from llama_ner.generation.vllm_client import connect, prompt_ids
+    from llama_ner.generation.vllm_process import VllmLaunch
+    from llama_ner.tokenizer import load_tokenizer
+    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
+
+    if config.quantization_bit:
+        raise ConfigError("engine=vllm runs the base unquantized here: pass --quantization_bit=0, or engine=hf")
+    adapter = adapter_dir(config)
+    if not config.engine_url:
+        check_model_files(config.model_dir)
+        if adapter:
+            adapter_weights_file(adapter)
+    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
+    dtype = "float32" if config.dtype == "auto" and config.device in ("", "auto", "cpu") else config.dtype
+    launch = VllmLaunch(config.model_dir, str(adapter) if adapter else None, dtype, 0, config.vllm_python,
+                        shlex.split(config.vllm_args))  # fmt: skip
+    adapter_name = str(adapter) if adapter else None
+    client, server, positions = connect(tokenizer, config.model_dir, adapter_name, config.engine_url,
+                                        config.engine_model, None, launch)  # fmt: skip
+    try:
+        fmt = config_prompt_format(config, tokenizer)
+        prompts = [row_prompt(row, config, fmt) for row in rows]
+        ids = prompt_ids(tokenizer, prompts, positions, config.max_new_tokens, fmt)
+        constraint = answer_constraint(config, tokenizer, rows)
+        with tqdm(total=len(rows), desc=f"generate ({client.url})", unit="row") as progress:
+            answers = client.ner_answers(ids, config.max_new_tokens, constraint, progress)
+    finally:
+        if server is not None:
+            server.stop()
     return answers, constraint
 
 

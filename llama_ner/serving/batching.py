@@ -82,6 +82,7 @@ class Batcher:
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self.waiting: list[Job] = []
         self.cond = threading.Condition()
         self.running = 0
@@ -98,6 +99,10 @@ class Batcher:
     def queued(self) -> int:
         with self.cond:
             return len(self.waiting)
+
+    def down(self) -> str | None:
+        """Why the engine cannot serve (never: the model is in this process)."""
+        return None
 
     def take(self) -> list[Job]:
         """Block until work is waiting; return the oldest job and the waiting jobs that can join it."""

@@ -1,9 +1,10 @@
 """serve.py's HTTP app: OpenAI-style endpoints, /v1/ner with entity spans, the page, request checks.
 
-    app = create_app(model, tokenizer, args)   # args: serve.parse_args(...)
+    app = create_app(Batcher(model, tokenizer, 16), tokenizer, args)   # args: serve.parse_args(...)
     uvicorn.run(app)
 
-Generation goes through batching.Batcher (one worker thread, concurrent requests batched).
+Generation goes through an engine: batching.Batcher (the model in this process, one worker thread,
+concurrent requests batched) or vllm_engine.VllmEngine (a vLLM server); a vLLM that is down gives 503.
 Every bad request gets a 4xx JSON error in OpenAI's shape that names the field.
 """
 
@@ -30,7 +31,8 @@ from starlette.exceptions import HTTPException
 from dataset import ALPACA, NO_ENTITY, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
 from llama_ner.generation.inference import ner_prompt
 from llama_ner.generation.metrics import parse_line
-from llama_ner.serving.batching import Batcher, Job
+from llama_ner.generation.vllm_client import EngineError
+from llama_ner.serving.batching import Job
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
@@ -219,14 +221,13 @@ class Limits:
         await self.app(scope, replay, send)
 
 
-def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
-    """The ASGI app serving `model` (loaded once, used only by the batcher's worker thread).
+def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
+    """The ASGI app generating with `engine` (batching.Batcher or vllm_engine.VllmEngine).
 
     `args.types` are the entity types of constrained /v1/ner answers (inference.adapter_entity_types).
     """
     app = FastAPI(title="Chinese-Alpaca NER", docs_url=None, redoc_url=None, openapi_url=None)
-    batcher = Batcher(model, tokenizer, args.max_batch_size)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    max_positions = engine.max_positions
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -242,6 +243,11 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
         if err.detail == "There was an error parsing the body":  # FastAPI's words for a body that is not UTF-8
             return error_response(400, f"body: not UTF-8; encode the JSON body as UTF-8 ({JSON_HEADER})", "body")
         return error_response(err.status_code, f"{request.url.path}: {err.detail}")
+
+    @app.exception_handler(EngineError)
+    async def engine_down(request: Request, err: EngineError) -> JSONResponse:
+        print(f"error: {request.url.path}: {err}", file=sys.stderr, flush=True)
+        return error_response(503, f"the generation engine is down: {err}")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
@@ -282,10 +288,13 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
         used = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts)}
         return {**used, "total_tokens": prompt_tokens + sum(counts)}, reasons
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        state = {"queued": batcher.queued(), "running": batcher.running}
-        return {"status": "ok", "model": args.model_name, **state, **batcher.stats}
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        state = {"queued": engine.queued(), "running": engine.running}
+        why = await asyncio.get_running_loop().run_in_executor(None, engine.down)
+        if why is not None:
+            return JSONResponse({"status": "engine_down", "error": why, "model": args.model_name}, status_code=503)
+        return {"status": "ok", "model": args.model_name, **state, **engine.stats}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -302,7 +311,7 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             check_length(ner_prompt(text, args.fmt), args.max_new_tokens, f"texts[{i}]", fix)
         settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
         settings["fmt"] = args.fmt
-        answers = await batcher.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
+        answers = await engine.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
             {"text": t, "answer": a, "entities": entities(t, a)} for t, a in zip(request.texts, answers, strict=True)
         ]
@@ -311,7 +320,7 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     async def complete(prompts: list[str], request: Sampling, field: str) -> tuple[list[str], dict, list[str]]:
         limit = max_tokens(request)
         prompt_tokens = sum(check_length(p, limit, field) for p in prompts)
-        answers = await batcher.submit(Job("text", prompts, limit, settings(request)))
+        answers = await engine.submit(Job("text", prompts, limit, settings(request)))
         return answers, *usage(prompt_tokens, answers, limit)
 
     def stream(prompt: str, request: Sampling, field: str, chunk: Any) -> StreamingResponse:
@@ -325,7 +334,7 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             job = Job(
                 "text", [prompt], limit, settings(request), lambda d: loop.call_soon_threadsafe(pieces.put_nowait, d)
             )
-            task = asyncio.ensure_future(batcher.submit(job))
+            task = asyncio.ensure_future(engine.submit(job))
             task.add_done_callback(lambda _: pieces.put_nowait(None))
             yield sse(chunk("", None))
             sent = ""
@@ -336,9 +345,10 @@ def create_app(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
                 answer = task.result()[0]
             except Exception as err:
                 print(f"error: streaming: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                yield sse(
-                    {"error": {"message": "internal error; the server log has the details", "type": "server_error"}}
-                )
+                message = "internal error; the server log has the details"
+                if isinstance(err, EngineError):
+                    message = f"the generation engine is down: {err}"
+                yield sse({"error": {"message": message, "type": "server_error"}})
                 return
             if answer.startswith(sent) and len(answer) > len(sent):
                 yield sse(chunk(answer[len(sent) :], None))

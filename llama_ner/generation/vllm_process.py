@@ -1,0 +1,201 @@
+"""vLLM's OpenAI server as a child process: its command line, starting it on a private port, waiting until it
+is ready, telling why it failed, and stopping it with every process it started.
+
+    with VllmServer(VllmLaunch(base_model="model_hub/tiny", adapter="checkpoint/.../adapter_model")) as server:
+        VllmClient(server.url, server.model_name, tokenizer)...
+
+vLLM lives in its own virtual environment (`make vllm` -> .venv-vllm), so the project's pins stay as they
+are: the server runs under that environment's python, found by `vllm_python`.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_ner.io_utils import UserError, read_json_object
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+ADAPTER_NAME = "ner"  # the id the LoRA is served under; the base model keeps its folder's path as id
+LOG_TAIL_LINES = 15
+FAILURES = [  # (pattern in vLLM's log, what it means and what to do), the first match wins
+    (r"[Aa]ddress already in use", "port {port} is taken: pick another --engine_port (0 = a free one)"),
+    (
+        r"[Nn]ot enough memory|[Oo]ut of memory|OutOfMemory|Insufficient memory|KV cache|No available memory",
+        "not enough memory for the model and its KV cache: lower VLLM_CPU_KVCACHE_SPACE (GiB, on the CPU) or "
+        "--gpu-memory-utilization (GPU) in --vllm_args, or use a smaller --max-model-len",
+    ),
+    (
+        r"Error loading|not a valid|does not appear to have|Unrecognized model|ValidationError|No such file|"
+        r"safetensors|LoRA",
+        "vLLM could not load the model or the LoRA (its log says which file)",
+    ),
+]
+
+
+@dataclass
+class VllmLaunch:
+    """What to serve and how: the base model folder, the LoRA folder (None: the base alone), extra vLLM flags."""
+
+    base_model: str
+    adapter: str | None = None
+    dtype: str = "float32"  # float32 gives the transformers engine's greedy tokens exactly
+    port: int = 0  # 0: a free port on 127.0.0.1
+    python: str = ""  # '' = vllm_python()'s choice
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--tensor-parallel-size", "2"]
+    log_path: str = ""  # '' = a file in the temporary folder
+
+
+def vllm_python(explicit: str = "") -> str:
+    """The python of vLLM's environment: `explicit`, else $VLLM_PYTHON, else ./.venv-vllm (make vllm)."""
+    chosen = explicit or os.environ.get("VLLM_PYTHON", "")
+    if chosen:
+        if not Path(chosen).is_file():
+            raise UserError(f"vLLM's python {chosen}: not found; pass the python of an environment with vllm")
+        return chosen
+    if DEFAULT_VENV_PYTHON.is_file():
+        return str(DEFAULT_VENV_PYTHON)
+    raise UserError(
+        f"vLLM is not installed ({DEFAULT_VENV_PYTHON} is missing): run 'make vllm' (its CPU build), or pass "
+        "--vllm_python / VLLM_PYTHON=<python of an environment with vllm>, or --engine_url of a running vLLM"
+    )
+
+
+def adapter_rank(adapter: str) -> int:
+    """The LoRA's r (vLLM needs --max-lora-rank at least that; it takes 8, 16, 32, 64, ...)."""
+    config = read_json_object(Path(adapter) / "adapter_config.json", "the LoRA folder training saved")
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks)
+
+
+def served_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank`."""
+    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    return next((a for a in allowed if a >= rank), rank)
+
+
+def vllm_command(launch: VllmLaunch, port: int) -> list[str]:
+    """The command line of vLLM's OpenAI server for `launch` on 127.0.0.1:port."""
+    cmd = [vllm_python(launch.python), "-m", "vllm.entrypoints.openai.api_server", "--model", launch.base_model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", launch.dtype]
+    # the model folder's generation_config.json may add stop ids the transformers engine does not stop at
+    cmd += ["--generation-config", "vllm"]
+    if launch.adapter:
+        rank = served_rank(adapter_rank(launch.adapter))
+        cmd += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={launch.adapter}", "--max-lora-rank", str(rank)]
+    return cmd + launch.extra_args
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (even by SIGKILL), so vLLM never outlives it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class VllmServer:
+    """A vLLM OpenAI server started for this process; `url`, `model_name` (the LoRA's id, or the base's)."""
+
+    def __init__(self, launch: VllmLaunch, timeout: float = 900) -> None:
+        self.launch = launch
+        self.port = launch.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_name = ADAPTER_NAME if launch.adapter else launch.base_model
+        cmd = vllm_command(launch, self.port)
+        self.log_path = Path(launch.log_path or Path(tempfile.gettempdir()) / f"vllm-{os.getpid()}-{self.port}.log")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is more than tests need
+        print(f"starting vLLM on {self.url} (log: {self.log_path}): {shlex.join(cmd)}", flush=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll /health until it answers; vLLM exiting first, or the timeout, is a UserError with its log's end."""
+        import httpx
+
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                self.fail(f"vLLM exited with code {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    print(f"vLLM ready after {time.monotonic() - start:.0f}s", flush=True)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.fail(f"vLLM was not ready after {timeout:.0f}s")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        return list(collections.deque((line for line in text.splitlines() if line.strip()), lines))
+
+    def fail(self, what: str) -> None:
+        """Stop what is left, print the log's last lines, raise one line saying why (when the log tells)."""
+        self.stop()
+        tail = self.log_tail()
+        text = "\n".join(self.log_tail(400))
+        why = next((fix for pattern, fix in FAILURES if re.search(pattern, text)), "")
+        print(f"last lines of vLLM's log ({self.log_path}):", file=sys.stderr)
+        for line in tail:
+            print(f"  vllm| {line}", file=sys.stderr)
+        raise UserError(f"{what}: {why.format(port=self.port)}" if why else f"{what}; its log is {self.log_path}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM to vLLM's process group (its server and engine processes), SIGKILL for what is left after grace."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and group_alive(self.proc.pid):
+            self.proc.poll()  # reaps the leader once it exits
+            time.sleep(0.2)
+        if group_alive(self.proc.pid):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self) -> VllmServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def group_alive(pgid: int) -> bool:
+    """Is any process of the group left (a zombie leader not yet reaped counts as gone)?"""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
