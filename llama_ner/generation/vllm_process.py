@@ -30,19 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 ADAPTER_NAME = "ner"  # the id the LoRA is served under; the base model keeps its folder's path as id
 LOG_TAIL_LINES = 15
-FAILURES = [  # (pattern in vLLM's log, what it means and what to do), the first match wins
+FAILURES = [  # (pattern in vLLM's first error, what to do), the first match wins
     (r"[Aa]ddress already in use", "port {port} is taken: pick another --engine_port (0 = a free one)"),
     (
-        r"[Nn]ot enough memory|[Oo]ut of memory|OutOfMemory|Insufficient memory|KV cache|No available memory",
+        r"[Mm]emory",
         "not enough memory for the model and its KV cache: lower VLLM_CPU_KVCACHE_SPACE (GiB, on the CPU) or "
         "--gpu-memory-utilization (GPU) in --vllm_args, or use a smaller --max-model-len",
     ),
-    (
-        r"Error loading|not a valid|does not appear to have|Unrecognized model|ValidationError|No such file|"
-        r"safetensors|LoRA",
-        "vLLM could not load the model or the LoRA (its log says which file)",
-    ),
 ]
+ERROR_LINE = re.compile(r"(?:^|\] |\| )((?:\w+\.)*\w*(?:Error|Exception): .+)$")  # 'ValueError: ...' after a prefix
 
 
 @dataclass
@@ -155,15 +151,16 @@ class VllmServer:
         return list(collections.deque((line for line in text.splitlines() if line.strip()), lines))
 
     def fail(self, what: str) -> None:
-        """Stop what is left, print the log's last lines, raise one line saying why (when the log tells)."""
+        """Stop what is left, print the log's last lines, raise one line with vLLM's first error and the fix."""
         self.stop()
-        tail = self.log_tail()
-        text = "\n".join(self.log_tail(400))
-        why = next((fix for pattern, fix in FAILURES if re.search(pattern, text)), "")
+        cause = first_error(self.log_tail(2000))
         print(f"last lines of vLLM's log ({self.log_path}):", file=sys.stderr)
-        for line in tail:
+        for line in self.log_tail():
             print(f"  vllm| {line}", file=sys.stderr)
-        raise UserError(f"{what}: {why.format(port=self.port)}" if why else f"{what}; its log is {self.log_path}")
+        fix = next((fix for pattern, fix in FAILURES if cause and re.search(pattern, cause)), "")
+        if fix:
+            raise UserError(f"{what}: {fix.format(port=self.port)} (vLLM: {cause})")
+        raise UserError(f"{what}: {cause or 'see its log'} ({self.log_path})")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -187,6 +184,15 @@ class VllmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def first_error(lines: list[str]) -> str:
+    """The first exception message in vLLM's log lines (the root cause; later ones repeat it), or ''."""
+    for line in lines:
+        found = ERROR_LINE.search(line.strip())
+        if found:
+            return " ".join(found.group(1).split())[:400]
+    return ""
 
 
 def group_alive(pgid: int) -> bool:
