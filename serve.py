@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     finally:
-        if getattr(engine, "server", None) is not None:
-            print("stopping vLLM", flush=True)
-            engine.server.stop()
+        engine.close()  # the app's shutdown did, unless uvicorn failed before it
 
 
 def hf_engine(args: argparse.Namespace) -> tuple[object, object]:

@@ -21,10 +21,7 @@ import pytest
 from conftest import MSRA, ROOT, import_script, write_rows
 from llama_ner.generation.vllm_process import DEFAULT_VENV_PYTHON, group_alive
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_VENV_PYTHON.is_file() and not os.environ.get("VLLM_PYTHON"),
-    reason="vLLM is not installed: run 'make vllm' (make test does)",
-)
+HAVE_VLLM = DEFAULT_VENV_PYTHON.is_file() or bool(os.environ.get("VLLM_PYTHON"))
 TYPES = ("人名", "地名", "机构名")
 TOKENS = 48  # max_new_tokens on both engines
 
@@ -36,6 +33,8 @@ def model(tmp_path_factory) -> dict:
     from llama_ner.tiny_models import make_tiny_model
     from memorize import train_memorized_lora
 
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed: run 'make vllm' (make test does)")
     work = tmp_path_factory.mktemp("vllm")
     base = make_tiny_model(work / "tiny", "alpaca", num_attention_heads=2)
     rows = load_data(MSRA)
@@ -104,6 +103,36 @@ def ner(url: str, texts: list[str], constrained: bool = True) -> list[str]:
     response = httpx.post(url + "/v1/ner", json={"texts": texts, "constrained": constrained}, timeout=300)
     assert response.status_code == 200, response.text
     return [r["answer"] for r in response.json()["results"]]
+
+
+# ---- unit: reading vLLM's log, its flags ------------------------------------------------------
+
+LOG = """\
+(APIServer pid=1534) WARNING 12-03 17:04:08 [system_utils.py:255] This can cause fd limit errors like `OSError: [Errno 24] Too many open files`.
+(EngineCore pid=1546) INFO 12-03 17:04:22 [utils.py:347] Using LBHNC KV cache layout.
+(Worker pid=1558) ERROR 12-03 17:04:46 [multiproc_executor.py:1063]     raise ValueError(
+(Worker pid=1558) ERROR 12-03 17:04:46 [multiproc_executor.py:1063] ValueError: Available memory on node 0 (15.24/19.96 GiB) is less than requested memory for kv (5000.0 GiB).
+(EngineCore pid=1546) ERROR 12-03 17:04:46 [core.py:1510] EngineCore failed to start.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""  # noqa: E501 - lines of a real vLLM log (VLLM_CPU_KVCACHE_SPACE=5000)
+
+
+def test_first_error_is_the_root_cause_not_a_warning_or_the_last_line():
+    from llama_ner.generation.vllm_process import first_error
+
+    assert first_error(LOG.splitlines()).startswith("ValueError: Available memory on node 0")
+    assert first_error(["OSError: [Errno 98] Address already in use"]) == "OSError: [Errno 98] Address already in use"
+    assert first_error(["INFO all fine"]) == ""
+
+
+def test_lora_rank_rounds_up_to_one_vllm_takes(tmp_path):
+    from llama_ner.generation.vllm_process import VllmLaunch, served_rank, vllm_command
+
+    assert [served_rank(r) for r in (1, 4, 8, 12, 32, 100)] == [1, 8, 8, 16, 32, 128]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12, "rank_pattern": {"q_proj": 24}}))
+    cmd = vllm_command(VllmLaunch("base", str(tmp_path), python=sys.executable, extra_args=["--seed", "1"]), 8001)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and cmd[-2:] == ["--seed", "1"]
+    assert cmd[cmd.index("--lora-modules") + 1] == f"ner={tmp_path}" and "--generation-config" in cmd
 
 
 # ---- answers: the two engines agree ------------------------------------------------------------

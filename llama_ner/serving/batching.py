@@ -104,6 +104,9 @@ class Batcher:
         """Why the engine cannot serve (never: the model is in this process)."""
         return None
 
+    def close(self) -> None:
+        """Nothing to stop: the worker thread is a daemon."""
+
     def take(self) -> list[Job]:
         """Block until work is waiting; return the oldest job and the waiting jobs that can join it."""
         with self.cond:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -226,7 +227,13 @@ def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
 
     `args.types` are the entity types of constrained /v1/ner answers (inference.adapter_entity_types).
     """
-    app = FastAPI(title="Chinese-Alpaca NER", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()  # uvicorn's shutdown (Ctrl-C, SIGTERM) ends with the signal re-raised: stop vLLM here
+
+    app = FastAPI(title="Chinese-Alpaca NER", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     max_positions = engine.max_positions
     created = int(time.time())
 

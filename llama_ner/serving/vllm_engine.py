@@ -33,7 +33,7 @@ class VllmEngine:
         self.client, self.server, self.max_positions = client, server, max_positions
         self.tokenizer = client.tokenizer
         self.pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="vllm")
-        self.running = 0
+        self.running, self.closed = 0, False
         self.stats = {"engine": "vllm", "engine_url": client.url, "requests": 0}
 
     def queued(self) -> int:
@@ -49,6 +49,13 @@ class VllmEngine:
         except Exception as err:  # noqa: BLE001 - any failure to reach it is the answer
             return f"vLLM at {self.client.url} does not answer ({type(err).__name__})"
         return None if ok else f"vLLM at {self.client.url} is not healthy"
+
+    def close(self) -> None:
+        """Stop the vLLM this process started (every process of it); once."""
+        if self.server is not None and not self.closed:
+            self.closed = True
+            print("stopping vLLM", flush=True)
+            self.server.stop()
 
     async def submit(self, job: Job) -> list[str]:
         """The job's answers, one per input."""
