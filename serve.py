@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--vllm_args", default="", help='more flags for the vLLM started here, e.g. '
                    '"--tensor-parallel-size 2 --gpu-memory-utilization 0.8"')  # fmt: skip
+    p.add_argument("--vllm_constraint", default="grammar", choices=["grammar", "check"],
+                   help="constrained answers on vLLM: grammar (structured outputs, then checked) or check (plain "
+                   "greedy, checked and corrected token by token); the same answers, different speed")  # fmt: skip
     args = p.parse_args(argv)
     args.engine = args.engine or ("vllm" if args.engine_url else "hf")
     if args.engine == "hf" and args.engine_url:
@@ -156,7 +159,7 @@ def vllm_engine(args: argparse.Namespace) -> tuple[object, object]:
     """(VllmEngine on the vLLM at --engine_url, or on one started here for the model flags, tokenizer)."""
     from llama_ner.generation.inference import base_bits, tokenizer_dir
     from llama_ner.generation.vllm_client import connect
-    from llama_ner.generation.vllm_process import VllmLaunch
+    from llama_ner.generation.vllm_process import VllmLaunch, vllm_dtype
     from llama_ner.serving.vllm_engine import VllmEngine
     from llama_ner.tokenizer import load_tokenizer
     from llama_ner.weights.model_files import adapter_weights_file, check_model_files
@@ -168,24 +171,15 @@ def vllm_engine(args: argparse.Namespace) -> tuple[object, object]:
         if args.lora_model:
             adapter_weights_file(args.lora_model)
     tokenizer = load_tokenizer(tokenizer_dir(args))
-    launch = VllmLaunch(
-        args.base_model, args.lora_model, vllm_dtype(args.dtype, args.only_cpu), args.engine_port, args.vllm_python,
-        shlex.split(args.vllm_args),
-    )  # fmt: skip
+    dtype = vllm_dtype(args.dtype, args.only_cpu)
+    launch = VllmLaunch(args.base_model, args.lora_model, tokenizer_dir(args), dtype, args.engine_port,
+                        args.vllm_python, shlex.split(args.vllm_args))  # fmt: skip
     key = args.engine_api_key
+    grammar = args.vllm_constraint == "grammar"
     client, server, positions = connect(tokenizer, args.base_model, args.lora_model, args.engine_url,
-                                        args.engine_model, key, launch)  # fmt: skip
+                                        args.engine_model, key, launch, grammar)  # fmt: skip
     print(f"engine: vLLM at {client.url}, model {client.model}, {positions} positions", flush=True)
     return VllmEngine(client, positions, server), tokenizer
-
-
-def vllm_dtype(dtype: str, only_cpu: bool) -> str:
-    """--dtype for vLLM: auto is float32 on the CPU (the hf engine's greedy tokens exactly), vLLM's own on a GPU."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    return "auto" if torch.cuda.is_available() and not only_cpu else "float32"
 
 
 class ServerProcess:

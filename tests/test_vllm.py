@@ -169,6 +169,20 @@ def test_a_grammar_alone_repeats_lines_and_the_check_restores_the_hf_answer(serv
         assert len(set(answer.splitlines())) == len(answer.splitlines())
 
 
+def test_plain_first_check_mode_gives_the_same_answers(served, model, hf_reference):
+    """vllm_constraint=check: plain greedy requests, corrected with allowed_token_ids where the mask says no."""
+    from llama_ner.generation.inference import ner_prompt
+    from llama_ner.generation.ner_constraint import NerConstraint
+    from llama_ner.generation.vllm_client import VllmClient, prompt_ids
+
+    tokenizer = hf_reference["tokenizer"]
+    client = VllmClient(served["engine_url"], "ner", tokenizer, grammar=False)
+    ids = prompt_ids(tokenizer, [ner_prompt(t) for t in model["texts"]], 512, TOKENS)
+    constraint = NerConstraint(tokenizer, model["texts"], TYPES)
+    assert client.ner_answers(ids, TOKENS, constraint) == hf_reference["constrained"]
+    assert client.checks["answers_corrected"] > 0  # the unseen rows' plain answers leave the language
+
+
 def test_openai_endpoints_keep_their_shape_and_answers(served, hf_reference):
     from openai import OpenAI
 

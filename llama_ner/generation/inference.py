@@ -49,6 +49,7 @@ EVAL_DEFAULTS = {
     "engine_model": "",  # the id to ask engine_url for; '' = ner with an adapter, else model_dir
     "vllm_python": "",  # python of vLLM's environment; '' = $VLLM_PYTHON, else ./.venv-vllm/bin/python
     "vllm_args": "",  # more flags for the vLLM started here, e.g. "--tensor-parallel-size 2"
+    "vllm_constraint": "grammar",  # grammar: structured outputs, then checked; check: plain greedy, then checked
 }
 REQUIRED_KEYS = ("model_dir", "save_dir", "instruct_column", "query_column", "response_column")
 
@@ -82,6 +83,8 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
     require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
     if config.engine not in ("hf", "vllm"):
         raise ConfigError(f"engine={config.engine!r}: use hf (this process) or vllm (a vLLM server)")
+    if config.vllm_constraint not in ("grammar", "check"):
+        raise ConfigError(f"vllm_constraint={config.vllm_constraint!r}: use grammar or check (docs/vllm.md)")
     if config.engine == "hf" and (config.engine_url or config.vllm_args):
         raise ConfigError("engine_url / vllm_args are for engine=vllm: pass --engine=vllm, or drop them")
     if not re.fullmatch(r"|auto|cpu|cuda(:\d+)?", config.device):
@@ -212,7 +215,7 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
     from tqdm import tqdm
 
     from llama_ner.generation.vllm_client import connect, prompt_ids
-    from llama_ner.generation.vllm_process import VllmLaunch
+    from llama_ner.generation.vllm_process import VllmLaunch, vllm_dtype
     from llama_ner.tokenizer import load_tokenizer
     from llama_ner.weights.model_files import adapter_weights_file, check_model_files
 
@@ -223,13 +226,15 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
         check_model_files(config.model_dir)
         if adapter:
             adapter_weights_file(adapter)
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
-    dtype = "float32" if config.dtype == "auto" and config.device in ("", "auto", "cpu") else config.dtype
-    launch = VllmLaunch(config.model_dir, str(adapter) if adapter else None, dtype, 0, config.vllm_python,
-                        shlex.split(config.vllm_args))  # fmt: skip
+    tokenizer_path = config.tokenizer_path or config.model_dir
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = vllm_dtype(config.dtype, config.device == "cpu")
     adapter_name = str(adapter) if adapter else None
+    launch = VllmLaunch(config.model_dir, adapter_name, tokenizer_path, dtype, 0, config.vllm_python,
+                        shlex.split(config.vllm_args))  # fmt: skip
+    grammar = config.vllm_constraint == "grammar"
     client, server, positions = connect(tokenizer, config.model_dir, adapter_name, config.engine_url,
-                                        config.engine_model, None, launch)  # fmt: skip
+                                        config.engine_model, None, launch, grammar)  # fmt: skip
     try:
         fmt = config_prompt_format(config, tokenizer)
         prompts = [row_prompt(row, config, fmt) for row in rows]
@@ -237,6 +242,11 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
         constraint = answer_constraint(config, tokenizer, rows)
         with tqdm(total=len(rows), desc=f"generate ({client.url})", unit="row") as progress:
             answers = client.ner_answers(ids, config.max_new_tokens, constraint, progress)
+        if constraint is not None:
+            checks = client.checks
+            print(f"vLLM: {checks['answers_corrected']} of {checks['constrained_answers']} constrained answers went "
+                  f"past the grammar (a repeated line) and were finished token by token ({checks['tokens_corrected']} "
+                  "tokens)")  # fmt: skip
     finally:
         if server is not None:
             server.stop()

@@ -2,14 +2,16 @@
 from, answers decoded from the ids vLLM returns, NER answers constrained and checked token by token.
 
     client = VllmClient("http://127.0.0.1:8000", "ner", tokenizer)
-    answers = client.ner_answers(["北京是中国的首都。"], 256, types=("人名", "地名", "机构名"))
+    answers = client.ner_answers(prompt_ids(tokenizer, prompts, 2048, 256), 256, NerConstraint(tokenizer, texts))
 
 A constrained NER answer goes to vLLM with its language as a structured-outputs grammar (the GBNF of
-ner_constraint.gbnf, for xgrammar). A grammar cannot forbid a repeated line, so every answer is then walked
-token by token through the same `TextGrammar` the transformers engine masks with: at the first token that
-engine would not have allowed, the rest of the answer is generated one token at a time with vLLM's
-`allowed_token_ids` set to what that engine allows. So greedy answers are those of `inference.ner_answers`
-(fp32), and the slow path runs only where a model tries to repeat a line.
+ner_constraint.gbnf, for xgrammar), or (grammar=False) as a plain greedy request. Either way the answer is
+then walked token by token through the same `TextGrammar` the transformers engine masks with (a grammar
+cannot forbid a repeated line): at the first token that engine would not have allowed, vLLM is asked for
+one token with `allowed_token_ids` set to what that engine allows there, then (grammar=False) for plain
+greedy tokens again, checked the same way, and so on. Where the model's own best token is allowed, the
+masked choice is that token, so greedy answers are those of `inference.ner_answers` (fp32) both ways;
+the ways differ only in speed (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -35,13 +37,18 @@ class EngineError(RuntimeError):
 class VllmClient:
     """One vLLM server and the model id to ask for (the LoRA's id, or the base's)."""
 
-    def __init__(self, url: str, model: str, tokenizer: Any, api_key: str | None = None, timeout: float = 600):
+    def __init__(
+        self, url: str, model: str, tokenizer: Any, api_key: str | None = None, grammar: bool = True, timeout: int = 600
+    ) -> None:
         import httpx
 
         self.url, self.model, self.tokenizer = url.rstrip("/"), model, tokenizer
+        self.grammar = grammar  # constrained answers: grammar first (True), or plain greedy first
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
+        # constrained answers: checked, of those redone past a token the grammar let through, tokens so redone
+        self.checks = {"constrained_answers": 0, "answers_corrected": 0, "tokens_corrected": 0}
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
@@ -110,22 +117,31 @@ class VllmClient:
             return decode_answer(self.tokenizer, self.complete(prompt, max_new_tokens)[0])
         constraint.texts[i] = constraint.texts[i][: len(prompt) * constraint.vocab.longest]  # as processor() cuts
         grammar = constraint.grammar(i)
-        rule = gbnf(constraint.texts[i], constraint.types)
-        ids, _ = self.complete(prompt, max_new_tokens, structured_outputs={"grammar": rule})
+        first = {"structured_outputs": {"grammar": gbnf(constraint.texts[i], constraint.types)}} if self.grammar else {}
+        ids, _ = self.complete(prompt, max_new_tokens, **first)
         kept, state = allowed_prefix(grammar, ids)
         eos = self.tokenizer.eos_token_id
-        while len(kept) < max_new_tokens and (not kept or kept[-1] != eos):  # what the grammar could not forbid
+        self.checks["constrained_answers"] += 1
+        self.checks["answers_corrected"] += len(kept) < len(ids)
+        while len(kept) < max_new_tokens and (not kept or kept[-1] != eos):
+            # the token the hf engine's mask would pick here, then (plain first) greedy again up to the next miss
             allowed = grammar.allowed_ids(state).tolist()
             token = self.complete(prompt + kept, 1, allowed_token_ids=allowed)[0][0]
             state = grammar.step(state, token)
             kept.append(token)
+            self.checks["tokens_corrected"] += 1
+            if not self.grammar and token != eos and len(kept) < max_new_tokens:
+                more = self.complete(prompt + kept, max_new_tokens - len(kept))[0]
+                more, state = allowed_prefix(grammar, more, state)
+                kept += more
         answer = decode_answer(self.tokenizer, kept)
         return answer if eos in kept else constraint.close(i, answer)
 
 
-def allowed_prefix(grammar: TextGrammar, ids: Sequence[int]) -> tuple[list[int], State]:
-    """The longest start of `ids` whose every token the transformers engine's mask allows, and its state."""
-    state, kept = State(), []
+def allowed_prefix(grammar: TextGrammar, ids: Sequence[int], state: State | None = None) -> tuple[list[int], State]:
+    """The longest start of `ids` whose every token the transformers engine's mask allows (from `state`, else the
+    answer's start), and the state after it."""
+    state, kept = state or State(), []
     for token in ids:
         if not np.isin(token, grammar.allowed_ids(state)):
             break
@@ -172,6 +188,7 @@ def connect(
     engine_model: str = "",
     api_key: str | None = None,
     launch: Any = None,
+    grammar: bool = True,
 ) -> tuple[VllmClient, Any, int | None]:
     """(client, the VllmServer started for it or None, the positions a prompt + answer may take).
 
@@ -195,7 +212,7 @@ def connect(
     else:
         server = VllmServer(launch)
         url, model = server.url, server.model_name
-    client = VllmClient(url, model, tokenizer, api_key)
+    client = VllmClient(url, model, tokenizer, api_key, grammar)
     try:
         cards = {card["id"]: card for card in client.request("GET", "/v1/models")["data"]}
     except EngineError as err:

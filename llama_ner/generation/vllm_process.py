@@ -47,6 +47,7 @@ class VllmLaunch:
 
     base_model: str
     adapter: str | None = None
+    tokenizer: str = ""  # '' = base_model's; vLLM compiles the NER grammar against this vocabulary
     dtype: str = "float32"  # float32 gives the transformers engine's greedy tokens exactly
     port: int = 0  # 0: a free port on 127.0.0.1
     python: str = ""  # '' = vllm_python()'s choice
@@ -69,6 +70,16 @@ def vllm_python(explicit: str = "") -> str:
     )
 
 
+def vllm_dtype(dtype: str, cpu: bool) -> str:
+    """dtype for vLLM: auto is float32 on the CPU (the hf engine's greedy tokens exactly; vLLM's CPU default is
+    bfloat16), vLLM's own choice on a GPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "auto" if torch.cuda.is_available() and not cpu else "float32"
+
+
 def adapter_rank(adapter: str) -> int:
     """The LoRA's r (vLLM needs --max-lora-rank at least that; it takes 8, 16, 32, 64, ...)."""
     config = read_json_object(Path(adapter) / "adapter_config.json", "the LoRA folder training saved")
@@ -88,6 +99,8 @@ def vllm_command(launch: VllmLaunch, port: int) -> list[str]:
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", launch.dtype]
     # the model folder's generation_config.json may add stop ids the transformers engine does not stop at
     cmd += ["--generation-config", "vllm"]
+    if launch.tokenizer and Path(launch.tokenizer).resolve() != Path(launch.base_model).resolve():
+        cmd += ["--tokenizer", launch.tokenizer]
     if launch.adapter:
         rank = served_rank(adapter_rank(launch.adapter))
         cmd += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={launch.adapter}", "--max-lora-rank", str(rank)]

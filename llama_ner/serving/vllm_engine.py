@@ -34,7 +34,7 @@ class VllmEngine:
         self.tokenizer = client.tokenizer
         self.pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="vllm")
         self.running, self.closed = 0, False
-        self.stats = {"engine": "vllm", "engine_url": client.url, "requests": 0}
+        self.counts = {"engine": "vllm", "engine_url": client.url, "requests": 0}
 
     def queued(self) -> int:
         return 0  # vLLM queues, not this process
@@ -50,6 +50,11 @@ class VllmEngine:
             return f"vLLM at {self.client.url} does not answer ({type(err).__name__})"
         return None if ok else f"vLLM at {self.client.url} is not healthy"
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """For /health: requests taken, and how often the token-by-token check corrected the grammar."""
+        return {**self.counts, **self.client.checks}
+
     def close(self) -> None:
         """Stop the vLLM this process started (every process of it); once."""
         if self.server is not None and not self.closed:
@@ -62,7 +67,7 @@ class VllmEngine:
         if self.server is not None and not self.server.alive():
             raise EngineError(self.down() or "vLLM exited")
         self.running += len(job.inputs)
-        self.stats["requests"] += 1
+        self.counts["requests"] += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self.run, job)
         finally:
