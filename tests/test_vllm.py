@@ -290,12 +290,14 @@ def test_vllm_without_memory_for_its_cache_says_so(model):
 
 
 def test_vllm_dying_while_serving_gives_503_not_a_hang(model, hf_reference):
-    """A vLLM of its own for serve.py --engine_url, killed with SIGKILL mid-service."""
+    """A vLLM of its own (with an API key) for serve.py --engine_url, killed with SIGKILL mid-service."""
     from llama_ner.generation.vllm_process import VllmLaunch, VllmServer
     from serve import ServerProcess
 
-    with VllmServer(VllmLaunch(str(model["base"]), str(model["adapter"]))) as engine:
-        with ServerProcess(serve_argv(model, "--engine_url", engine.url)) as server:
+    launch = VllmLaunch(str(model["base"]), str(model["adapter"]), extra_args=["--api-key", "engine-key"])
+    with VllmServer(launch) as engine:
+        assert httpx.get(engine.url + "/v1/models").status_code == 401
+        with ServerProcess(serve_argv(model, "--engine_url", engine.url, "--engine_api_key", "engine-key")) as server:
             assert ner(server.url, model["texts"][:2]) == hf_reference["constrained"][:2]
             os.kill(engine.proc.pid, signal.SIGKILL)
             start = time.monotonic()
