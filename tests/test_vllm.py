@@ -183,6 +183,20 @@ def test_plain_first_check_mode_gives_the_same_answers(served, model, hf_referen
     assert client.checks["answers_corrected"] > 0  # the unseen rows' plain answers leave the language
 
 
+def test_a_grammar_vllm_refuses_falls_back_to_the_check(served, model, hf_reference, monkeypatch, capsys):
+    from llama_ner.generation import vllm_client
+    from llama_ner.generation.inference import ner_prompt
+    from llama_ner.generation.ner_constraint import NerConstraint
+
+    monkeypatch.setattr(vllm_client, "gbnf", lambda text, types: "root ::= (")  # xgrammar cannot parse it
+    tokenizer = hf_reference["tokenizer"]
+    client = vllm_client.VllmClient(served["engine_url"], "ner", tokenizer)
+    texts = model["texts"][:3]
+    ids = vllm_client.prompt_ids(tokenizer, [ner_prompt(t) for t in texts], 512, TOKENS)
+    assert client.ner_answers(ids, TOKENS, NerConstraint(tokenizer, texts, TYPES)) == hf_reference["constrained"][:3]
+    assert "vLLM refused the NER grammar" in capsys.readouterr().out
+
+
 def test_openai_endpoints_keep_their_shape_and_answers(served, hf_reference):
     from openai import OpenAI
 

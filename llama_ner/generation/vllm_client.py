@@ -34,6 +34,10 @@ class EngineError(RuntimeError):
     """vLLM cannot be reached, or failed a request: the server answers 503."""
 
 
+class EngineRefused(EngineError):
+    """vLLM answered 4xx: it refused this request (e.g. a grammar its backend cannot compile)."""
+
+
 class VllmClient:
     """One vLLM server and the model id to ask for (the LoRA's id, or the base's)."""
 
@@ -58,7 +62,8 @@ class VllmClient:
         except httpx.HTTPError as err:
             raise EngineError(f"vLLM at {self.url} cannot be reached ({type(err).__name__}: {err})") from None
         if response.status_code != 200:
-            raise EngineError(f"vLLM at {self.url} answered {response.status_code}: {error_text(response.text)}")
+            kind = EngineRefused if 400 <= response.status_code < 500 else EngineError
+            raise kind(f"vLLM at {self.url} answered {response.status_code}: {error_text(response.text)}")
         return response.json()
 
     # ---- generation
@@ -118,7 +123,14 @@ class VllmClient:
         constraint.texts[i] = constraint.texts[i][: len(prompt) * constraint.vocab.longest]  # as processor() cuts
         grammar = constraint.grammar(i)
         first = {"structured_outputs": {"grammar": gbnf(constraint.texts[i], constraint.types)}} if self.grammar else {}
-        ids, _ = self.complete(prompt, max_new_tokens, **first)
+        try:
+            ids, _ = self.complete(prompt, max_new_tokens, **first)
+        except EngineRefused as err:  # the check below keeps the answer exact without the grammar too
+            if not first:
+                raise
+            print(f"warning: vLLM refused the NER grammar ({err}); answer {i} is checked token by token instead")
+            ids, _ = self.complete(prompt, max_new_tokens)
+            first = {}
         kept, state = allowed_prefix(grammar, ids)
         eos = self.tokenizer.eos_token_id
         self.checks["constrained_answers"] += 1
@@ -130,7 +142,7 @@ class VllmClient:
             state = grammar.step(state, token)
             kept.append(token)
             self.checks["tokens_corrected"] += 1
-            if not self.grammar and token != eos and len(kept) < max_new_tokens:
+            if not first and token != eos and len(kept) < max_new_tokens:
                 more = self.complete(prompt + kept, max_new_tokens - len(kept))[0]
                 more, state = allowed_prefix(grammar, more, state)
                 kept += more

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from dataset import ALPACA, NO_ENTITY, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
 from llama_ner.generation.inference import ner_prompt
 from llama_ner.generation.metrics import parse_line
-from llama_ner.generation.vllm_client import EngineError
+from llama_ner.generation.vllm_client import EngineError, EngineRefused
 from llama_ner.serving.batching import Job
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -254,6 +254,8 @@ def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     @app.exception_handler(EngineError)
     async def engine_down(request: Request, err: EngineError) -> JSONResponse:
         print(f"error: {request.url.path}: {err}", file=sys.stderr, flush=True)
+        if isinstance(err, EngineRefused):  # up, but it refused what this server sent: not the client's fault
+            return error_response(502, f"the generation engine refused the request: {err}")
         return error_response(503, f"the generation engine is down: {err}")
 
     @app.exception_handler(Exception)
