@@ -17,6 +17,7 @@ the ways differ only in speed (docs/vllm.md).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -53,6 +54,11 @@ class VllmClient:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, limits=limits)
         # constrained answers: checked, of those redone past a token the grammar let through, tokens so redone
         self.checks = {"constrained_answers": 0, "answers_corrected": 0, "tokens_corrected": 0}
+        self.checks_lock = threading.Lock()  # ner_answers counts from many threads
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.checks_lock:
+            self.checks[key] += n
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
@@ -133,15 +139,15 @@ class VllmClient:
             first = {}
         kept, state = allowed_prefix(grammar, ids)
         eos = self.tokenizer.eos_token_id
-        self.checks["constrained_answers"] += 1
-        self.checks["answers_corrected"] += len(kept) < len(ids)
+        self.count("constrained_answers")
+        self.count("answers_corrected", len(kept) < len(ids))
         while len(kept) < max_new_tokens and (not kept or kept[-1] != eos):
             # the token the hf engine's mask would pick here, then (plain first) greedy again up to the next miss
             allowed = grammar.allowed_ids(state).tolist()
             token = self.complete(prompt + kept, 1, allowed_token_ids=allowed)[0][0]
             state = grammar.step(state, token)
             kept.append(token)
-            self.checks["tokens_corrected"] += 1
+            self.count("tokens_corrected")
             if not first and token != eos and len(kept) < max_new_tokens:
                 more = self.complete(prompt + kept, max_new_tokens - len(kept))[0]
                 more, state = allowed_prefix(grammar, more, state)
@@ -209,10 +215,11 @@ def connect(
     """
     from llama_ner.generation.vllm_process import ADAPTER_NAME, VllmServer
     from llama_ner.io_utils import UserError
+    from llama_ner.weights.model_files import read_model_config
 
-    positions = local_positions(base_model)
-    vocab = local_vocab_size(base_model)
-    if vocab is not None and len(tokenizer) > vocab:
+    config = read_model_config(base_model)
+    positions, vocab = config.get("max_position_embeddings"), config["vocab_size"]
+    if len(tokenizer) > vocab:
         raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens, {base_model} {vocab}: vLLM cannot grow the embeddings as "
             "the hf engine does; merge the LoRA into the base first (merge_llama_with_chinese_lora.py) or use "
@@ -240,20 +247,3 @@ def connect(
     if served:
         positions = min([positions, *served]) if positions else min(served)
     return client, server, positions
-
-
-def local_positions(model_dir: str) -> int | None:
-    return local_config(model_dir).get("max_position_embeddings")
-
-
-def local_vocab_size(model_dir: str) -> int | None:
-    return local_config(model_dir).get("vocab_size")
-
-
-def local_config(model_dir: str) -> dict[str, Any]:
-    from pathlib import Path
-
-    from llama_ner.io_utils import read_json_object
-
-    path = Path(model_dir) / "config.json"
-    return read_json_object(path) if path.is_file() else {}
