@@ -13,7 +13,8 @@ Training and every inference script build prompts with `build_prompt` and the fo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ NER_INSTRUCTION = (
     "你现在是一个实体识别模型，你需要提取文本里面的人名、地名、机构名，"
     "如果存在结果，返回'实体_实体类型'，不同实体间用\n分隔。如果没有结果，回答'没有'。"
 )
+SHORT_INSTRUCTION = "找出文本中的人名、地名、机构名。"  # the same task in a tenth of the tokens
+INSTRUCTIONS = {"seed": NER_INSTRUCTION, "short": SHORT_INSTRUCTION}  # process.py --instruction's names
 QUERY_PREFIX = "文本："
 NO_ENTITY = "没有"
 
@@ -54,6 +57,7 @@ class PromptFormat:
     name: str
     head: str
     tail: str
+    instruction: str = NER_INSTRUCTION  # what a plain sentence is asked with (ner_row): the one trained on
 
     def build(self, instruct: str, query: str = "") -> str:
         return self.head + (f"{instruct}\n{query}" if query else instruct) + self.tail
@@ -63,9 +67,14 @@ ALPACA = PromptFormat("alpaca", *PROMPT_TEMPLATE.split("{instruction}"))
 RAW = PromptFormat("raw", "", "\n")  # instruction and text as they are, the answer on the next line
 
 
-def prompt_format(name: str = "alpaca", tokenizer: Any = None) -> PromptFormat:
+def prompt_format(name: str = "alpaca", tokenizer: Any = None, instruction: str = "") -> PromptFormat:
     """alpaca (the seed's prompt), chat (the tokenizer's chat template: one user turn, then the assistant's),
-    or raw."""
+    or raw; `instruction`: the NER instruction plain sentences get ('' = the seed's)."""
+    fmt = named_format(name, tokenizer)
+    return replace(fmt, instruction=instruction) if instruction else fmt
+
+
+def named_format(name: str, tokenizer: Any) -> PromptFormat:
     if name == "alpaca":
         return ALPACA
     if name == "raw":
@@ -99,12 +108,18 @@ def build_prompt(instruct: str, query: str = "", fmt: PromptFormat = ALPACA) -> 
     return fmt.build(instruct, query)
 
 
-def ner_row(text: str, answer: str | None = None) -> dict[str, str]:
-    """Wrap a plain sentence in the NER instruction, as process.py does."""
-    row = {"instruct": NER_INSTRUCTION, "query": QUERY_PREFIX + text}
+def ner_row(text: str, answer: str | None = None, instruction: str = NER_INSTRUCTION) -> dict[str, str]:
+    """Wrap a plain sentence in the NER instruction (the seed's unless told), as process.py does."""
+    row = {"instruct": instruction, "query": QUERY_PREFIX + text}
     if answer is not None:
         row["answer"] = answer
     return row
+
+
+def shared_instruction(rows: list[dict[str, Any]], column: str = "instruct") -> str:
+    """The instruction most training rows share (train_args.json's ner_instruction): plain sentences get it."""
+    counts = Counter(row.get(column) for row in rows if isinstance(row.get(column), str))
+    return counts.most_common(1)[0][0] if counts else ""
 
 
 def load_data(

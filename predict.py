@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from config_utils import print_config
-from dataset import DataError, load_data, ner_row
+from dataset import NER_INSTRUCTION, DataError, load_data, ner_row
 from llama_ner.generation.inference import engine_answer_rows, resolve_config
 from llama_ner.generation.metrics import score
 from llama_ner.io_utils import read_lines, run_cli
@@ -52,10 +52,12 @@ def is_json_lines(lines: list[str]) -> bool:
 
 
 def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
-    """Rows to predict: the built-in examples, instruction JSON lines, or plain text lines."""
+    """Rows to predict: the built-in examples, instruction JSON lines, or plain text lines (the examples and
+    plain lines get the instruction the model was trained with)."""
+    instruction = getattr(config, "ner_instruction", "") or NER_INSTRUCTION
     if not path:
         names = {"instruct": config.instruct_column, "query": config.query_column, "answer": config.response_column}
-        return [{names[k]: v for k, v in r.items()} for r in EXAMPLES]
+        return [{names[k]: instruction if k == "instruct" else v for k, v in r.items()} for r in EXAMPLES]
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: file not found; pass --predict_path=<JSON lines or one sentence per line>")
@@ -65,7 +67,7 @@ def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
     rows = []
     for line in lines:
         if line.strip():
-            row = ner_row(line.strip())
+            row = ner_row(line.strip(), instruction=instruction)
             rows.append({config.instruct_column: row["instruct"], config.query_column: row["query"]})
     if not rows:
         raise DataError(f"{file}: no text; write one sentence per line")

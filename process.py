@@ -2,6 +2,7 @@
 
     python process.py                     # data/msra/ori_data/ -> data/msra/instruct_data/{train,dev}.txt
     python process.py --in_file=data/msra/ori_data/msra_test_bio.txt --out_file=dev.txt --mode=dev
+    python process.py --instruction=short ...   # a one-line instruction instead of the seed's long one
 
 The input format is detected: JSON lines with `text` and `entity_list` (begin/end character
 offsets), or one character a line, `char<TAB>TAG` or `char TAG`, tags BIO or BMES (B-/M-/E-/S-), a
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from config_utils import ConfigParser
-from dataset import NO_ENTITY, DataError, ner_row
+from dataset import INSTRUCTIONS, NO_ENTITY, DataError, ner_row
 from llama_ner.io_utils import atomic_path, check_output_file, read_lines, run_cli
 
 TYPE_NAMES = {"PER": "人名", "LOC": "地名", "ORG": "机构名", "NR": "人名", "NS": "地名", "NT": "机构名"}
@@ -33,6 +34,7 @@ config = {
     "in_file": "",  # MSRA file (JSON lines or BIO); empty: process the repo's defaults
     "out_file": "",  # where the instruction JSON lines go (written atomically)
     "mode": "train",  # train: keep every sentence; dev: keep only sentences with entities
+    "instruction": "seed",  # seed (the original's long instruction), short (one line), or the text itself
 }
 
 Sentence = tuple[str, list[tuple[str, str]]]  # text, [(entity, TYPE), ...] in order
@@ -123,10 +125,18 @@ def make_answer(entities: list[tuple[str, str]]) -> str:
     return "\n".join(pairs) if pairs else NO_ENTITY
 
 
-def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
+def instruction_text(name: str) -> str:
+    """--instruction's text: a name of INSTRUCTIONS, or any other non-empty text as it is."""
+    if not name.strip():
+        raise DataError(f"instruction is empty: use {' or '.join(INSTRUCTIONS)}, or the instruction's own text")
+    return INSTRUCTIONS.get(name, name)
+
+
+def convert(in_file: str | Path, out_file: str | Path, mode: str, instruction: str = "seed") -> Counter:
     """Write the instruction rows; returns counts (rows, entity mentions per type)."""
     if mode not in ("train", "dev"):
         raise DataError(f"mode={mode!r}: use mode=train or mode=dev")
+    instruct = instruction_text(instruction)
     check_output_file(out_file, "out_file", [in_file])
     sentences = list(read_sentences(in_file))  # every line checked before anything is written
     counts: Counter = Counter()
@@ -135,7 +145,7 @@ def convert(in_file: str | Path, out_file: str | Path, mode: str) -> Counter:
             counts["sentences"] += 1
             if mode == "dev" and not entities:
                 continue
-            row = ner_row(text, make_answer(entities))
+            row = ner_row(text, make_answer(entities), instruct)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             counts["rows"] += 1
             counts["answer lines"] += len(row["answer"].split("\n")) if entities else 0
@@ -148,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.in_file) != bool(args.out_file):
         raise DataError("pass both --in_file and --out_file, or neither to process the repo's defaults")
     jobs = [(args.in_file, args.out_file, args.mode)] if args.in_file else DEFAULT_JOBS
+    instruction_text(args.instruction)
     for _, out_file, _ in jobs:  # every output path checked before the first job runs
         check_output_file(out_file, "out_file", [job[0] for job in jobs])
     for in_file, out_file, mode in jobs:
-        counts = convert(in_file, out_file, mode)
+        counts = convert(in_file, out_file, mode, args.instruction)
         per_type = ", ".join(f"{name} {counts[name]}" for name in ("人名", "地名", "机构名"))
         print(
             f"{in_file} -> {out_file} ({mode}): {counts['rows']} rows of {counts['sentences']} sentences, "

@@ -43,6 +43,16 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
     atomic_write_text(metrics_file, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
 
 
+def warn_other_instruction(rows: list[dict[str, Any]], config: Any) -> None:
+    """Rows asked with another instruction than the model learned (train_args.json's ner_instruction) score low."""
+    trained = getattr(config, "ner_instruction", "")
+    other = sum(row[config.instruct_column] != trained for row in rows) if trained else 0
+    if other:
+        print(f"warning: {other} of {len(rows)} rows of {config.dev_path} have another instruction than the model "
+              f"was trained with ({trained!r}); make the file with the same process.py --instruction",
+              file=sys.stderr)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, TEST_DEFAULTS, __doc__, __file__)
     print_config(config)
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = load_data(config.dev_path, columns, config.response_column, (config.query_column,))
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
+    warn_other_instruction(rows, config)
     start = time.perf_counter()
     predictions, constraint = engine_answer_rows(rows, config)
     seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
-from dataset import IGNORE_INDEX
+from dataset import IGNORE_INDEX, shared_instruction
 from llama_ner.io_utils import run_cli
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from llama_ner.training.checkpoints import (
+    BestAdapter,
     remove_old_checkpoints,
     resume_state,
     run_summary,
@@ -40,16 +41,31 @@ from llama_ner.training.checks import (
     deepspeed_config,
     print_run_config,
     read_deepspeed_json,
+    resolve_autocast,
     resolve_precision,
+    validation_rows,
 )
-from llama_ner.training.model import TrainCollate, build_model, causal_lm_loss, load_train_tokenizer
+from llama_ner.training.model import (
+    LengthGroupedSampler,
+    TrainCollate,
+    build_model,
+    causal_lm_loss,
+    load_train_tokenizer,
+    row_length,
+)
 from llama_ner.training.processes import init_distributed, is_main_process, rank, world_size
+from llama_ner.training.time_budget import TimeBudget, budget_scheduler
 
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
 
 
-def make_loader(rows: list[dict], batch_size: int, collate: TrainCollate, shuffle: bool, seed: int) -> DataLoader:
-    sampler = DistributedSampler(rows, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
+def make_loader(rows: list[dict], batch_size: int, collate: TrainCollate, shuffle: bool, args: Config) -> DataLoader:
+    """This process's batches; training batches hold rows of similar length when group_by_length is on."""
+    if shuffle and args.group_by_length:
+        lengths = [row_length(row, args) for row in rows]
+        sampler = LengthGroupedSampler(lengths, batch_size, world_size(), args.seed, rank())
+    else:
+        sampler = DistributedSampler(rows, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=args.seed)
     return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate.collate_fn)
 
 
@@ -116,16 +132,18 @@ def save(engine, args: Config, global_step: int, total_steps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    args.ner_instruction = shared_instruction(train_rows, args.instruct_column)  # plain sentences get it
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     args.precision = precision  # train_args.json records the precision used
+    args.bf16_autocast = resolve_autocast(args.bf16_autocast, precision)
     init_distributed(args.ddp_timeout)
     import deepspeed
 
     print_run_config(args)
     tokenizer = load_train_tokenizer(args)
     collate = TrainCollate(args, tokenizer)
-    train_loader = make_loader(train_rows, args.train_batch_size, collate, shuffle=True, seed=args.seed)
-    dev_loader = make_loader(dev_rows, args.eval_batch_size, collate, shuffle=False, seed=args.seed)
+    train_loader = make_loader(train_rows, args.train_batch_size, collate, shuffle=True, args=args)
+    dev_loader = make_loader(dev_rows, args.eval_batch_size, collate, shuffle=False, args=args)
     batches_per_epoch = len(train_loader)
     total_steps = batches_per_epoch * args.num_train_epochs // args.gradient_accumulation_steps
     if total_steps == 0:
@@ -134,12 +152,23 @@ def main(argv: list[str] | None = None) -> None:
             f"gradient_accumulation_steps={args.gradient_accumulation_steps}; lower it or train longer"
         )
 
-    ds = add_scheduler(deepspeed_config(args, precision), total_steps, args.warmup_ratio)
+    budget = TimeBudget(args.train_minutes)
+    ds = deepspeed_config(args, precision)
+    if not args.train_minutes:
+        ds = add_scheduler(ds, total_steps, args.warmup_ratio)
     args.learning_rate = ds["optimizer"]["params"]["lr"]  # train_args.json records the rate used
     state = state_to_resume(args)  # checked before the model loads (and after the rate is resolved)
     model = build_model(args, tokenizer, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
+    warmup = max(1, math.ceil(args.warmup_ratio * total_steps))
+    scheduler = (lambda optimizer: budget_scheduler(optimizer, budget, warmup)) if args.train_minutes else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds, lr_scheduler=scheduler)
+    best = None
+    if args.eval_f1_rows:
+        from llama_ner.generation.validation import validation_f1
+
+        rows = validation_rows(args, train_rows)
+        best = BestAdapter(args.save_dir, lambda module: validation_f1(module, tokenizer, rows, args), budget)
 
     global_step = 0
     if state is not None:
@@ -150,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     done_batches = global_step * args.gradient_accumulation_steps  # batches already trained on
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main_process())
     window_loss, window_batches, run_loss, run_batches, start = 0.0, 0, 0.0, 0, time.time()
+    last_loss = None
+    budget.start()
     engine.train()
     for epoch in range(done_batches // batches_per_epoch, args.num_train_epochs):
         train_loader.sampler.set_epoch(epoch)  # same order per epoch on every run: resume can skip
@@ -157,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             if epoch * batches_per_epoch + i < done_batches or global_step >= total_steps:
                 continue
             boundary = engine.is_gradient_accumulation_boundary()
-            loss = causal_lm_loss(engine, to_device(batch, engine.device))
+            loss = causal_lm_loss(engine, to_device(batch, engine.device), args.bf16_autocast)
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
             engine.step()  # steps the optimizer (and clips) only at an accumulation boundary
             window_loss += loss.item()
@@ -171,14 +202,26 @@ def main(argv: list[str] | None = None) -> None:
             if global_step % args.log_steps == 0 or global_step == total_steps:
                 loss_sum, count = sum_across_ranks([window_loss, window_batches], engine.device)
                 lr = engine.get_lr()[0]
-                log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.2e}")
+                last_loss = loss_sum / count
+                log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {last_loss:.4f} lr {lr:.2e}")
                 window_loss, window_batches = 0.0, 0
             if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
                 log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
+            if budget.over_everywhere():
+                log(f"train_minutes={args.train_minutes} spent at step {global_step}: stopping")
+                break
             if global_step % args.save_steps == 0 and global_step < total_steps:
                 save(engine, args, global_step, total_steps)
+                if best is not None:
+                    best.validate(engine.module, global_step, last_loss)
+        else:
+            continue
+        break  # the time budget is spent
     bar.close()
     save(engine, args, global_step, total_steps)
+    if best is not None:
+        best.validate(engine.module, global_step, last_loss)
+        best.finish()
     seconds = time.time() - start
     loss_sum, count = sum_across_ranks([run_loss, run_batches], engine.device)
     final_dev_loss = dev_loss(engine, dev_loader) if dev_rows else None  # every rank takes part

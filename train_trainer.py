@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
+from dataset import shared_instruction
 from llama_ner.io_utils import run_cli
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
@@ -31,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from llama_ner.training.checkpoints import (
     ADAPTER_DIR,
     STATE_FILE,
+    BestAdapter,
     resume_state,
     run_summary,
     save_adapter,
@@ -41,37 +43,84 @@ from llama_ner.training.checks import (
     deepspeed_config,
     print_run_config,
     read_deepspeed_json,
+    resolve_autocast,
     resolve_precision,
+    validation_rows,
 )
-from llama_ner.training.model import TrainCollate, build_model, causal_lm_loss, load_train_tokenizer
+from llama_ner.training.model import (
+    LengthGroupedSampler,
+    TrainCollate,
+    build_model,
+    causal_lm_loss,
+    load_train_tokenizer,
+    row_length,
+)
 from llama_ner.training.processes import init_distributed, is_main_process
+from llama_ner.training.time_budget import TimeBudget, budget_scheduler
 
 
 class LoraTrainer(Trainer):
-    """The Trainer with our loss: logits only where labels are (see training.model.causal_lm_loss)."""
+    """The Trainer with our loss (logits only where labels are: training.model.causal_lm_loss), batches of
+    similar lengths (group_by_length) and a rate that decays over the time budget (train_minutes)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
 
+    def __init__(self, *args, run_args: Config, budget: TimeBudget, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_args, self.budget = run_args, budget
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_loss(model, inputs)
+        loss = causal_lm_loss(model, inputs, self.run_args.bf16_autocast)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.run_args.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        rows = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [row_length(row, self.run_args) for row in rows]
+        processes = self.args.world_size
+        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, processes, self.args.seed)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.run_args.train_minutes or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        self.lr_scheduler = budget_scheduler(optimizer or self.optimizer, self.budget, warmup)
+        return self.lr_scheduler
 
 
 class SaveAdapterCallback(TrainerCallback):
-    """Write save_dir/adapter_model (gathered under ZeRO-3, atomically) whenever the Trainer saves, and at the end."""
+    """Write save_dir/adapter_model (gathered under ZeRO-3, atomically) whenever the Trainer saves, and at the end;
+    with eval_f1_rows, score each one (BestAdapter); stop when the time budget is spent."""
 
-    def __init__(self, run_args: Config) -> None:
-        self.run_args = run_args
+    def __init__(self, run_args: Config, budget: TimeBudget, best: BestAdapter | None) -> None:
+        self.run_args, self.budget, self.best = run_args, budget, best
+        self.validated_step = -1
 
     def save(self, state, model) -> None:
         resume = resume_state(self.run_args, state.global_step, state.max_steps, f"checkpoint-{state.global_step}")
         save_adapter(model, self.run_args.save_dir, self.run_args, resume)
+        if self.best is not None and self.validated_step != state.global_step:
+            losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+            self.best.validate(model, state.global_step, losses[-1] if losses else None)
+            self.validated_step = state.global_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.budget.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.budget.over_everywhere():
+            if is_main_process():
+                print(f"train_minutes={self.run_args.train_minutes} spent at step {state.global_step}: stopping")
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self.save(state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.save(state, model)
+        if self.best is not None:
+            self.best.finish()
 
 
 def training_arguments(args: Config, ds: dict, precision: str, evaluate: bool) -> TrainingArguments:
@@ -152,11 +201,21 @@ def checkpoint_to_resume(save_dir: str | Path) -> str:
     return checkpoint
 
 
+def validation_tracker(args: Config, train_rows: list[dict], tokenizer, budget: TimeBudget) -> BestAdapter:
+    """eval_f1_rows: score each saved adapter on the validation rows, as test.py would (generation)."""
+    from llama_ner.generation.validation import validation_f1
+
+    rows = validation_rows(args, train_rows)
+    return BestAdapter(args.save_dir, lambda model: validation_f1(model, tokenizer, rows, args), budget)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
+    args.ner_instruction = shared_instruction(train_rows, args.instruct_column)  # plain sentences get it
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     args.precision = precision  # train_args.json records the precision used
+    args.bf16_autocast = resolve_autocast(args.bf16_autocast, precision)
     init_distributed(args.ddp_timeout)
     print_run_config(args)
     ds = deepspeed_config(args, precision)
@@ -169,13 +228,17 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_train_tokenizer(args)
     model = build_model(args, tokenizer, precision)
+    budget = TimeBudget(args.train_minutes)
+    best = validation_tracker(args, train_rows, tokenizer, budget) if args.eval_f1_rows else None
     trainer = LoraTrainer(
         model=model,
         args=training_args,
         train_dataset=train_rows,
         eval_dataset=dev_rows or None,
         data_collator=TrainCollate(args, tokenizer).collate_fn,
-        callbacks=[SaveAdapterCallback(args)],
+        callbacks=[SaveAdapterCallback(args, budget, best)],
+        run_args=args,
+        budget=budget,
     )
 
     start = time.time()

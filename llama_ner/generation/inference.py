@@ -134,8 +134,10 @@ def check_gpu_visible(device: str | None) -> None:
 
 
 def config_prompt_format(config: Config, tokenizer: Any) -> PromptFormat:
-    """The prompt format the model was trained with (train_args.json's prompt_template; alpaca before it existed)."""
-    return prompt_format(getattr(config, "prompt_template", "alpaca"), tokenizer)
+    """The prompt format the model was trained with (train_args.json's prompt_template, alpaca before it
+    existed; its ner_instruction, the seed's before it existed)."""
+    name, instruction = getattr(config, "prompt_template", "alpaca"), getattr(config, "ner_instruction", "")
+    return prompt_format(name, tokenizer, instruction)
 
 
 def row_prompt(row: dict[str, Any], config: Config, fmt: PromptFormat = ALPACA) -> str:
@@ -144,8 +146,8 @@ def row_prompt(row: dict[str, Any], config: Config, fmt: PromptFormat = ALPACA) 
 
 
 def ner_prompt(text: str, fmt: PromptFormat = ALPACA) -> str:
-    """The training prompt for a plain sentence: the NER instruction, then `文本：text`."""
-    row = ner_row(text)
+    """The training prompt for a plain sentence: the NER instruction it was trained with, then `文本：text`."""
+    row = ner_row(text, instruction=fmt.instruction)
     return build_prompt(row["instruct"], row["query"], fmt)
 
 
@@ -184,7 +186,7 @@ def ner_answers(
 
 
 def answer_rows(
-    model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], config: Config
+    model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], config: Config, progress: bool = True
 ) -> tuple[list[str], NerConstraint | None]:
     """test.py's and predict.py's answers for data rows: the training prompt, the constraint (unless
     constrained=false), batched greedy generation. Returns (answers, the constraint used or None)."""
@@ -194,8 +196,8 @@ def answer_rows(
     prompts = [row_prompt(row, config, fmt) for row in rows]
     constraint = answer_constraint(config, tokenizer, rows)
     answers = generate_answers(
-        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, constraint=constraint,
-        prompt_format=fmt,
+        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
+        constraint=constraint, prompt_format=fmt,
     )  # fmt: skip
     return answers, constraint
 
@@ -321,8 +323,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def args_prompt_format(args: argparse.Namespace, tokenizer: Any) -> PromptFormat:
     """chat_ner.py's / serve.py's prompt format: --prompt_template, else the LoRA's train_args.json's, else alpaca."""
-    name = args.prompt_template or adapter_train_args(args.lora_model).get("prompt_template", "alpaca")
-    return prompt_format(name, tokenizer)
+    trained = adapter_train_args(args.lora_model)
+    name = args.prompt_template or trained.get("prompt_template", "alpaca")
+    return prompt_format(name, tokenizer, trained.get("ner_instruction", ""))
 
 
 def tokenizer_dir(args: argparse.Namespace) -> str:

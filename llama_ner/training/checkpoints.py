@@ -2,7 +2,9 @@
 
 Both trainers save with `save_adapter` and `resume_state` (step, total steps, process count, resolved
 config, optimizer checkpoint), read it back with `state_to_resume`, which refuses a resume whose
-SAME_FOR_RESUME keys differ, and end with `run_summary`.
+SAME_FOR_RESUME keys differ, and end with `run_summary`. With validation by F1 (eval_f1_rows),
+`BestAdapter` scores each saved adapter, logs save_dir/validation.jsonl, keeps the best in
+save_dir/best_adapter and, at the end, makes it adapter_model (the last one: last_adapter_model).
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from config_utils import Config, ConfigError, load_config, save_config
-from llama_ner.io_utils import atomic_dir
+from llama_ner.io_utils import atomic_dir, atomic_write_text
 from llama_ner.training.processes import barrier, is_main_process, world_size
 
 ADAPTER_DIR = "adapter_model"  # save_dir/adapter_model holds the adapter and train_args.json
+BEST_DIR = "best_adapter"  # with eval_f1_rows: the best-F1 adapter so far, adapter_model at the end
+LAST_DIR = "last_adapter_model"  # with eval_f1_rows: the last adapter, when it was not the best
+VALIDATION_FILE = "validation.jsonl"  # with eval_f1_rows: one line per validation (step, minutes, P/R/F1)
 STATE_FILE = "resume_state.json"  # beside the adapter: step, total steps, world size, resolved config
 
 # a resumed run must agree with the saved one on these: model, data, batches, the optimizer and scheduler's
@@ -132,3 +138,62 @@ def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
     for path in folder.iterdir():
         if path.is_dir() and path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+class BestAdapter:
+    """Validation by F1 at each save: `score(model)` (rank 0; the others wait) -> test.py's metrics dict."""
+
+    def __init__(self, save_dir: str | Path, score: Callable[[torch.nn.Module], dict[str, Any]], budget: Any) -> None:
+        self.save_dir = Path(save_dir)
+        self.score = score
+        self.budget = budget  # time_budget.TimeBudget: validation is not training time
+        self.history: list[dict[str, Any]] = []
+
+    def validate(self, model: torch.nn.Module, step: int, train_loss: float | None) -> None:
+        """Score the adapter just saved; copy it to best_adapter when its F1 is the best yet."""
+        minutes = self.budget.spent() / 60
+        with self.budget.paused():
+            if is_main_process():
+                self.record(self.score(model), step, minutes, train_loss)
+            barrier()
+
+    def record(self, metrics: dict[str, Any], step: int, minutes: float, train_loss: float | None) -> None:
+        entry = {
+            "step": step,
+            "train_minutes": round(minutes, 2),
+            "train_loss": train_loss,
+            **{k: round(metrics[k], 4) for k in ("precision", "recall", "f1")},
+            "per_type_f1": {kind: round(m["f1"], 4) for kind, m in metrics["per_type"].items()},
+            "n": metrics["n"],
+        }
+        best = max(self.history, key=lambda e: e["f1"], default=None)
+        self.history.append(entry)
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.history)
+        atomic_write_text(self.save_dir / VALIDATION_FILE, lines)
+        better = best is None or entry["f1"] >= best["f1"]  # a tie goes to the longer-trained
+        if better:
+            with atomic_dir(self.save_dir / BEST_DIR) as tmp:
+                shutil.copytree(self.save_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+        print(
+            f"validation at step {step} ({entry['train_minutes']:.1f} training min): P {entry['precision']:.3f} "
+            f"R {entry['recall']:.3f} F1 {entry['f1']:.3f} on {entry['n']} rows" + (" (best so far)" if better else ""),
+            flush=True,
+        )
+
+    def finish(self) -> dict[str, Any] | None:
+        """Make the best-F1 adapter adapter_model (the last one moves to last_adapter_model); the best entry."""
+        if not is_main_process() or not self.history:
+            barrier()
+            return None
+        best, last = max(reversed(self.history), key=lambda e: e["f1"]), self.history[-1]
+        if best is not last:
+            with atomic_dir(self.save_dir / LAST_DIR) as tmp:
+                shutil.copytree(self.save_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+            with atomic_dir(self.save_dir / ADAPTER_DIR) as tmp:
+                shutil.copytree(self.save_dir / BEST_DIR, tmp, dirs_exist_ok=True)
+        print(
+            f"adapter_model is the best by validation F1: step {best['step']}, F1 {best['f1']:.3f}"
+            + (f" (the last, step {last['step']}, is in {self.save_dir / LAST_DIR})" if best is not last else "")
+        )
+        barrier()
+        return best

@@ -20,6 +20,8 @@ from llama_ner.training.model import load_train_tokenizer
 from llama_ner.training.processes import is_main_process, train_device
 from llama_ner.weights.model_files import adapter_weights_file, check_model_files, read_model_config
 
+TEST_FILE = Path(__file__).resolve().parents[2] / "data/msra/instruct_data/dev.txt"  # the official MSRA test set
+
 
 def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     """Read and check every input (data, model dir, adapter, DeepSpeed JSON) before any model loads.
@@ -31,6 +33,8 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     dev_rows = load_data(args.dev_path, columns, args.response_column, optional) if args.dev_path else []
     if args.dev_max_rows > 0:
         dev_rows = dev_rows[: args.dev_max_rows]
+    if args.eval_f1_rows:
+        validation_rows(args, train_rows)
     check_model_files(args.model_dir)
     if args.peft_path:
         adapter_weights_file(args.peft_path)
@@ -39,6 +43,47 @@ def check_inputs(args: Config) -> tuple[list[dict], list[dict]]:
     check_save_dir(args)
     check_lora_targets(args)
     return train_rows, dev_rows
+
+
+def validation_rows(args: Config, train_rows: list[dict]) -> list[dict]:
+    """The first eval_f1_rows rows of eval_f1_path: not the test set, not the dev-loss file, none trained on."""
+    path = Path(args.eval_f1_path)
+    for key, other in (("the test set test.py scores", TEST_FILE), ("dev_path", Path(args.dev_path or ""))):
+        if path.is_file() and other.is_file() and path.samefile(other):
+            raise ConfigError(
+                f"eval_f1_path={path} is {key} ({other}): choosing the adapter by it would tune on it; split a "
+                "validation file off the training data (bench/real_model.py does: a share of train_full.txt)"
+            )
+    columns, optional = (args.instruct_column, args.response_column), (args.query_column,)
+    rows = load_data(path, columns, args.response_column, optional)[: args.eval_f1_rows]
+    trained = {(row.get(args.query_column) or "", row[args.instruct_column]) for row in train_rows}
+    seen = sum((row.get(args.query_column) or "", row[args.instruct_column]) in trained for row in rows)
+    if seen:
+        raise ConfigError(
+            f"eval_f1_path={path}: {seen} of its first {len(rows)} rows are also in train_path={args.train_path}; "
+            "validation rows must be ones the model never trains on"
+        )
+    if (
+        args.zero_stage == 3
+        or read_deepspeed_json(args.deepspeed_json_path).get("zero_optimization", {}).get("stage") == 3
+        and args.zero_stage < 0
+    ):
+        raise ConfigError(
+            "eval_f1_rows with ZeRO-3: rank 0 generates alone and needs the whole model; use zero_stage=1 or 2"
+        )
+    return rows
+
+
+def resolve_autocast(setting: Any, precision: str, cuda: bool | None = None) -> bool:
+    """bf16_autocast: auto is on when training in fp32 where bf16 kernels exist; true there too, else an error."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if precision != "fp32" or setting is False:
+        return False  # fp16/bf16 training already computes in 16 bits
+    if bf16_supported(cuda) if cuda else cpu_has_bf16_kernels():
+        return True
+    if setting is True:
+        raise ConfigError("bf16_autocast=true, but torch has no bf16 kernels on this device: pass bf16_autocast=auto")
+    return False
 
 
 def check_tokenizer(args: Config) -> None:
@@ -136,6 +181,15 @@ def resolve_precision(ds_config: dict[str, Any], cuda: bool | None = None) -> st
         if is_main_process():
             print("note: deepspeed.json asks for fp16, which needs CUDA; training in fp32 on the CPU")
     return "fp32"
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX): elsewhere torch emulates it, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def bf16_supported(cuda: bool) -> bool:

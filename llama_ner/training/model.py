@@ -10,6 +10,8 @@ is most of a small model's compute and most of a big one's memory.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +115,69 @@ def left_align(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def length_grouped_order(lengths: list[int], batch_size: int, processes: int, seed: int, epoch: int) -> list[int]:
+    """Every row's index once (the first few again, as DistributedSampler pads, so that every process gets
+    as many rows): each run of batch_size * processes indices holds rows of similar length, in random order.
+
+    Rows are shuffled (seed + epoch), cut into windows of 64 global batches, each window sorted by
+    length, cut into global batches, and the batches shuffled: padding is small, order still random.
+    """
+    rng = random.Random(seed * 1000003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    while len(order) % processes:
+        order.append(order[len(order) % len(lengths)])
+    group = batch_size * processes
+    window = 64 * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + group] for i in range(0, len(chunk), group)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """length_grouped_order as a sampler, new each epoch (set_epoch). rank=None: the whole order (the Trainer's
+    accelerate hands each process its batches); rank=r: process r's slice of every global batch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, processes: int, seed: int, rank: int | None = None):
+        self.lengths, self.batch_size, self.processes, self.seed, self.rank = lengths, batch_size, processes, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        order = length_grouped_order(self.lengths, self.batch_size, self.processes, self.seed, self.epoch)
+        if self.rank is None:
+            return order
+        group, share = self.batch_size * self.processes, []
+        for start in range(0, len(order), group):
+            chunk = order[start : start + group]
+            size = len(chunk) // self.processes
+            share += chunk[self.rank * size : (self.rank + 1) * size]
+        return share
+
+    def __iter__(self):
+        return iter(self.order())
+
+    def __len__(self) -> int:
+        padded = -(-len(self.lengths) // self.processes) * self.processes
+        return padded if self.rank is None else padded // self.processes
+
+
+def row_length(row: dict[str, Any], args: Any) -> int:
+    """Characters of a row's prompt and answer: the grouping key (tokens follow characters closely)."""
+    return sum(len(row.get(key) or "") for key in (args.instruct_column, args.query_column, args.response_column))
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16_autocast: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over the label tokens, with logits only where labels are.
 
     The LM head runs on the positions from the first label onward (all of a left-aligned
     batch's answers): the same loss as the model's own, without the full logits tensor.
+    `bf16_autocast`: the forward's matmuls in bf16 (weights and the loss stay fp32).
     """
     labels = batch["labels"]
     has_label = labels != IGNORE_INDEX
@@ -125,7 +185,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     keep = max(int(labels.shape[1] - first) + 1, 2)  # the logit before the first label predicts it
     keep = min(keep, labels.shape[1])
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+    autocast = contextlib.nullcontext()
+    if bf16_autocast:
+        autocast = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16)
+    with autocast:
+        logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
     logits = logits[:, :-1].float()
     targets = labels[:, labels.shape[1] - keep + 1 :]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config_utils import Config, ConfigError, ConfigParser, require
+from config_utils import FALSE_WORDS, TRUE_WORDS, Config, ConfigError, ConfigParser, require
 from dataset import PROMPT_TEMPLATES
 
 LORA_TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
@@ -41,6 +41,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,  # gradient clipping (DeepSpeed's gradient_clipping)
     "zero_stage": -1,  # ZeRO stage 0-3; -1: deepspeed.json's (1)
     "deepspeed_json_path": "deepspeed.json",  # DeepSpeed config; batch/lr/clip/precision filled from here
+    "bf16_autocast": "auto",  # bf16 matmuls, fp32 weights; auto: on in fp32 training where bf16 kernels exist
+    "group_by_length": True,  # batches of rows of similar length (batch order still shuffled): little padding computed
+    "train_minutes": 0.0,  # stop and save after this many training minutes; the rate decays over them; 0: no limit
+    "eval_f1_path": "",  # validation rows (not the test set), scored as test.py scores at each save and the end
+    "eval_f1_rows": 0,  # score the first N rows of eval_f1_path; the best-F1 adapter becomes adapter_model; 0: off
+    "eval_f1_max_new_tokens": 128,  # generation limit of the validation answers
     "gradient_checkpointing": False,  # recompute activations in backward: less memory, ~30% slower
     "quantization_bit": 0,  # 0: base in the training dtype; 4: NF4 base (QLoRA), 8: LLM.int8 base (bitsandbytes)
     "log_steps": 10,  # print the mean loss every N optimizer steps
@@ -63,7 +69,9 @@ def parse_train_args(
     args = ConfigParser(defaults, description, [__file__, source] if source else [__file__]).parse_main(argv)
     positive = ("lora_r", "lora_alpha", "max_seq_length", "pad_to_multiple_of", "train_batch_size", "eval_batch_size")
     positive += ("gradient_accumulation_steps", "num_train_epochs", "log_steps", "save_steps", "ddp_timeout")
-    require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm"))
+    positive += ("eval_f1_max_new_tokens",)
+    require(args, positive, non_negative=("dev_max_rows", "eval_steps", "max_grad_norm", "eval_f1_rows"))
+    check_budget_and_validation(args)
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"lora_dropout={args.lora_dropout} must be in [0, 1)")
     if not 0 <= args.warmup_ratio < 1:
@@ -83,3 +91,21 @@ def parse_train_args(
     if not args.lora_target_modules:
         raise ConfigError("lora_target_modules is empty: name at least one projection, e.g. q_proj,v_proj")
     return args
+
+
+def check_budget_and_validation(args: Config) -> None:
+    """train_minutes, bf16_autocast and the validation keys must make sense together."""
+    minutes = args.train_minutes
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes < 0:
+        raise ConfigError(f"train_minutes={minutes!r} must be a positive number of minutes (0: no limit)")
+    if isinstance(args.bf16_autocast, str) and args.bf16_autocast.lower() in TRUE_WORDS | FALSE_WORDS:
+        args.bf16_autocast = args.bf16_autocast.lower() in TRUE_WORDS
+    if args.bf16_autocast not in ("auto", True, False):
+        raise ConfigError(f"bf16_autocast={args.bf16_autocast!r}: use auto, true or false")
+    if args.eval_f1_rows and not args.eval_f1_path:
+        raise ConfigError(
+            f"eval_f1_rows={args.eval_f1_rows} needs a validation file: pass eval_f1_path=<instruction JSON lines "
+            "split off the training data> (never the test set)"
+        )
+    if args.eval_f1_path and not args.eval_f1_rows:
+        raise ConfigError(f"eval_f1_path={args.eval_f1_path} is set but eval_f1_rows=0: pass eval_f1_rows=N (e.g. 200)")
