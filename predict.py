@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     summary = f"{len(rows)} texts predicted"
     if all(g is not None for g in gold):
         m = score(gold, predictions)
-        summary += f"; against the gold answers: precision {m['precision']:.4f} recall {m['recall']:.4f}"
-        summary += f" f1 {m['f1']:.4f}"
+        if m["f1"] is None:
+            summary += f"; no entity expected or predicted (F1 undefined), exact match {m['exact_match']:.4f}"
+        else:
+            summary += f"; against the gold answers: precision {m['precision']:.4f} recall {m['recall']:.4f}"
+            summary += f" f1 {m['f1']:.4f}"
     print("=" * 100)
     print(summary)
     return predictions

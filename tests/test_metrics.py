@@ -29,7 +29,7 @@ def test_malformed_lines_are_counted_not_predicted():
 
 
 def test_prf_zero_denominators():
-    assert prf(0, 0, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert prf(0, 0, 0) == {"precision": None, "recall": None, "f1": None}  # undefined, not 0
     assert prf(0, 3, 0)["precision"] == 0.0
     assert prf(1, 1, 3) == pytest.approx({"precision": 0.5, "recall": 0.25, "f1": 1 / 3})
 
@@ -81,3 +81,16 @@ def test_format_table_lists_every_type_and_micro():
     table = format_table(score(["北京_地名"], ["北京_地名"]))
     assert [line.split()[0] for line in table.splitlines()[1:5]] == ["人名", "地名", "机构名", "micro"]
     assert "exact match 1.0000 over 1 rows" in table
+
+
+def test_nothing_to_find_is_undefined_not_zero():
+    """Every row answers 没有 and every prediction is right: no 0.000 that reads as total failure."""
+    metrics = score(["没有", "没有", "没有"], ["没有", "没有", "没有"])
+    assert metrics["f1"] is None and metrics["precision"] is None and metrics["recall"] is None
+    assert metrics["exact_match"] == 1.0 and metrics["none_accuracy"] == 1.0 and metrics["none_rows"] == 3
+    table = format_table(metrics)
+    assert "undefined" in table and "n/a" in table and "0.0000" not in table.splitlines()[-3]
+    assert "`没有` right on 1.0000 of 3 such rows" in table
+    wrong = score(["没有", "没有"], ["北京_地名", "没有"])  # one entity predicted where none was: F1 0, defined
+    assert wrong["f1"] == 0.0 and wrong["precision"] == 0.0 and wrong["none_accuracy"] == 0.5
+    assert score(["北京_地名"], ["北京_地名"])["per_type"]["人名"]["f1"] is None  # a type nobody named

@@ -8,6 +8,9 @@ Each answer becomes a set of distinct (entity, type) pairs, so order and repeats
 count. Micro precision/recall/F1 sum true/false positives over sentences; a sentence is an
 exact match when its two sets are equal (both empty counts). A line that is not
 'entity_type' (no `_`, empty entity or type) is not a prediction; it is counted as malformed.
+Where no entity was expected nor predicted (every answer `没有`, or a type nobody named), P/R/F1
+are undefined: None in the metrics, `n/a` in the table; exact match and `none_accuracy` (the rows
+answered `没有` that should be) say how such rows went.
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def parse_answer(text: str) -> tuple[set[tuple[str, str]], int]:
     return pairs, malformed
 
 
-def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Precision, recall, F1 (0.0 where a denominator is zero)."""
+def prf(tp: int, fp: int, fn: int) -> dict[str, float | None]:
+    """Precision, recall, F1 (0.0 where a denominator is zero; None, undefined, with nothing expected or
+    predicted)."""
+    if tp == fp == fn == 0:
+        return {"precision": None, "recall": None, "f1": None}
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -61,12 +67,14 @@ def score(golds: list[str], preds: list[str]) -> dict[str, Any]:
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold answers but {len(preds)} predictions")
     counts: dict[str, list[int]] = {kind: [0, 0, 0] for kind in ENTITY_TYPES}  # tp, fp, fn
-    exact = malformed = 0
+    exact = malformed = none_rows = none_right = 0
     for gold_text, pred_text in zip(golds, preds, strict=True):
         gold = parse_entities(gold_text)
         pred, bad = parse_answer(pred_text)
         malformed += bad
         exact += gold == pred
+        none_rows += not gold
+        none_right += not gold and not pred
         for pair in pred | gold:
             tally = counts.setdefault(pair[1], [0, 0, 0])
             tally[0 if pair in gold and pair in pred else 1 if pair in pred else 2] += 1
@@ -78,6 +86,8 @@ def score(golds: list[str], preds: list[str]) -> dict[str, Any]:
     return {
         **prf(tp, fp, fn),
         "exact_match": exact / n if n else 0.0,
+        "none_rows": none_rows,  # rows whose answer is 没有
+        "none_accuracy": none_right / none_rows if none_rows else None,  # of them, the share answered 没有
         "tp": tp,
         "fp": fp,
         "fn": fn,
@@ -98,8 +108,14 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows = [*metrics["per_type"].items(), ("micro", {**metrics, "support": metrics["tp"] + metrics["fn"]})]
     for kind, m in rows:
         label = kind + " " * max(1, 8 - display_width(kind))
-        lines.append(f"{label}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>9}")
+        values = "".join(f"{'n/a' if m[k] is None else f'{m[k]:.4f}':>10}" for k in ("precision", "recall", "f1"))
+        lines.append(f"{label}{values}{m['support']:>9}")
+    if metrics["f1"] is None:
+        lines.append("no entity was expected or predicted: P/R/F1 are undefined (n/a), not 0")
+    none = metrics.get("none_accuracy")
+    none_part = f"; `没有` right on {none:.4f} of {metrics['none_rows']} such rows" if none is not None else ""
     lines.append(
-        f"exact match {metrics['exact_match']:.4f} over {metrics['n']} rows; malformed lines {metrics['malformed']}"
+        f"exact match {metrics['exact_match']:.4f} over {metrics['n']} rows{none_part}; "
+        f"malformed lines {metrics['malformed']}"
     )
     return "\n".join(lines)

@@ -140,6 +140,15 @@ def remove_old_checkpoints(folder: str | Path, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def rank(entry: dict[str, Any]) -> float:
+    """What "best" means: F1, or exact match where F1 is undefined (no entity expected nor predicted)."""
+    return entry["f1"] if entry["f1"] is not None else entry["exact_match"]
+
+
 class BestAdapter:
     """Validation by F1 at each save: `score(model)` (rank 0; the others wait) -> test.py's metrics dict."""
 
@@ -162,21 +171,21 @@ class BestAdapter:
             "step": step,
             "train_minutes": round(minutes, 2),
             "train_loss": train_loss,
-            **{k: round(metrics[k], 4) for k in ("precision", "recall", "f1")},
-            "per_type_f1": {kind: round(m["f1"], 4) for kind, m in metrics["per_type"].items()},
+            **{k: rounded(metrics[k]) for k in ("precision", "recall", "f1", "exact_match")},
+            "per_type_f1": {kind: rounded(m["f1"]) for kind, m in metrics["per_type"].items()},
             "n": metrics["n"],
         }
-        best = max(self.history, key=lambda e: e["f1"], default=None)
+        best = max(self.history, key=rank, default=None)
         self.history.append(entry)
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.history)
         atomic_write_text(self.save_dir / VALIDATION_FILE, lines)
-        better = best is None or entry["f1"] >= best["f1"]  # a tie goes to the longer-trained
+        better = best is None or rank(entry) >= rank(best)  # a tie goes to the longer-trained
         if better:
             with atomic_dir(self.save_dir / BEST_DIR) as tmp:
                 shutil.copytree(self.save_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
         print(
-            f"validation at step {step} ({entry['train_minutes']:.1f} training min): P {entry['precision']:.3f} "
-            f"R {entry['recall']:.3f} F1 {entry['f1']:.3f} on {entry['n']} rows" + (" (best so far)" if better else ""),
+            f"validation at step {step} ({entry['train_minutes']:.1f} training min): P {entry['precision']} "
+            f"R {entry['recall']} F1 {entry['f1']} on {entry['n']} rows" + (" (best so far)" if better else ""),
             flush=True,
         )
 
@@ -185,14 +194,14 @@ class BestAdapter:
         if not is_main_process() or not self.history:
             barrier()
             return None
-        best, last = max(reversed(self.history), key=lambda e: e["f1"]), self.history[-1]
+        best, last = max(reversed(self.history), key=rank), self.history[-1]
         if best is not last:
             with atomic_dir(self.save_dir / LAST_DIR) as tmp:
                 shutil.copytree(self.save_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
             with atomic_dir(self.save_dir / ADAPTER_DIR) as tmp:
                 shutil.copytree(self.save_dir / BEST_DIR, tmp, dirs_exist_ok=True)
         print(
-            f"adapter_model is the best by validation F1: step {best['step']}, F1 {best['f1']:.3f}"
+            f"adapter_model is the best by validation F1: step {best['step']}, F1 {best['f1']}"
             + (f" (the last, step {last['step']}, is in {self.save_dir / LAST_DIR})" if best is not last else "")
         )
         barrier()
