@@ -1,9 +1,11 @@
 """Batched greedy generation: prompts encoded as in training, cut to the model's positions, answers decoded
-up to EOS.
+up to EOS. The token prefix every prompt shares (template head, instruction, `文本：`) is computed once and
+its KV cache reused by every batch.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -22,6 +24,7 @@ def generate_answers(
     progress: bool = True,
     constraint: Any = None,
     prompt_format: PromptFormat = ALPACA,
+    prefix_cache: bool = True,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
@@ -31,7 +34,9 @@ def generate_answers(
     max_new_tokens. Only the generated tokens up to the first `</s>` are decoded.
     `constraint` (e.g. ner_constraint.NerConstraint) limits what each answer may be: its
     `processor(indices, prompt_width)` masks the logits of a batch, its `close(index, answer)`
-    finishes an answer that max_new_tokens cut.
+    finishes an answer that max_new_tokens cut. With `prefix_cache`, the tokens all prompts start with
+    are run once; each row is then prefix + padding + the rest of its prompt (the padding masked, the
+    positions counting real tokens only), the same attention as left padding.
     """
     from tqdm import tqdm
     from transformers import LogitsProcessorList
@@ -42,18 +47,28 @@ def generate_answers(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
     answers: list[str] = [""] * len(prompts)
+    shared = shared_prefix_length(encoded) if prefix_cache and len(prompts) > 1 else 0
+    prefix = prefix_kv(model, encoded[0][:shared], device) if shared >= MIN_PREFIX else None
+    shared = shared if prefix is not None else 0
     starts = range(0, len(order), max(1, batch_size))
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
         index = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in index)
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in index], device=device)
+        pads = [width - len(encoded[i]) for i in index]
+        input_ids = torch.tensor(
+            [encoded[i][:shared] + [pad_id] * pad + encoded[i][shared:] for i, pad in zip(index, pads, strict=True)],
+            device=device,
+        )
         attention_mask = torch.tensor(
-            [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in index], device=device
+            [[1] * shared + [0] * pad + [1] * (len(encoded[i]) - shared) for i, pad in zip(index, pads, strict=True)],
+            device=device,
         )
         if constraint is not None:
             extra = list(gen_kwargs.get("logits_processor") or [])
             settings["logits_processor"] = LogitsProcessorList([*extra, constraint.processor(index, width)])
         with torch.inference_mode():
+            if prefix is not None:
+                settings["past_key_values"] = batch_of(prefix, len(index))
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -68,6 +83,36 @@ def generate_answers(
             if constraint is not None and tokenizer.eos_token_id not in ids:
                 answers[i] = constraint.close(i, answers[i])
     return answers
+
+
+MIN_PREFIX = 8  # a shorter shared prefix saves less than copying its cache costs
+
+
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+    """How many leading token ids every prompt shares, leaving each at least one token of its own."""
+    shared = min(len(ids) for ids in encoded) - 1
+    first = encoded[0]
+    for ids in encoded[1:]:
+        same = 0
+        while same < shared and ids[same] == first[same]:
+            same += 1
+        shared = same
+    return max(shared, 0)
+
+
+def prefix_kv(model: torch.nn.Module, prefix: list[int], device: torch.device) -> Any:
+    """The KV cache of the shared prefix (one row), or None when it is too short to be worth it."""
+    if len(prefix) < MIN_PREFIX:
+        return None
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+
+
+def batch_of(prefix: Any, rows: int) -> Any:
+    """A copy of the one-row prefix cache for `rows` rows (generation appends to it)."""
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:

@@ -41,6 +41,7 @@ EVAL_DEFAULTS = {
     "max_new_tokens": 256,  # generation stops at </s> or after this many tokens (MSRA dev: 4 answers are longer)
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # cpu, cuda, cuda:N; '' or auto = cuda when available, else cpu
+    "prefix_cache": True,  # run the prompt start every row shares once, reuse its KV cache (same answers)
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
     "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
     "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
@@ -197,7 +198,7 @@ def answer_rows(
     constraint = answer_constraint(config, tokenizer, rows)
     answers = generate_answers(
         model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
-        constraint=constraint, prompt_format=fmt,
+        constraint=constraint, prompt_format=fmt, prefix_cache=getattr(config, "prefix_cache", True),
     )  # fmt: skip
     return answers, constraint
 
