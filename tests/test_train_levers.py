@@ -179,7 +179,14 @@ def test_the_kept_adapter_is_the_best_scored_not_the_last(tiny_alpaca, tmp_path)
     args = train_args([f"model_dir={tiny_alpaca}", f"save_dir={tmp_path}"])
     model = build_model(args, load_tokenizer(tiny_alpaca), "fp32")
     scores = iter([0.2, 0.5, 0.3])
-    metrics = lambda f1: {"precision": f1, "recall": f1, "f1": f1, "n": 3, "per_type": {"人名": {"f1": f1}}}  # noqa: E731
+    metrics = lambda f1: {  # noqa: E731  (the keys metrics.score returns)
+        "precision": f1,
+        "recall": f1,
+        "f1": f1,
+        "exact_match": f1,
+        "n": 3,
+        "per_type": {"人名": {"f1": f1}},
+    }
     best = BestAdapter(tmp_path, lambda m: metrics(next(scores)), TimeBudget(0))
     saved = {}
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
