@@ -141,3 +141,36 @@ def test_refuses_to_overwrite_its_input(tmp_path):
     with pytest.raises(UserError, match="input"):
         process.convert(src, src, "train")
     assert src.read_bytes() == before
+
+
+def test_instruction_flag_changes_only_the_instruction(tmp_path):
+    from dataset import SHORT_INSTRUCTION
+
+    seed, short, own = (tmp_path / f"{name}.txt" for name in ("seed", "short", "own"))
+    process.convert(ORI / "msra_1000.txt", seed, "dev")
+    process.convert(ORI / "msra_1000.txt", short, "dev", "short")
+    process.convert(ORI / "msra_1000.txt", own, "dev", "标出人名。")
+    for path, instruction in ((seed, NER_INSTRUCTION), (short, SHORT_INSTRUCTION), (own, "标出人名。")):
+        rows = read_rows(path)
+        assert {r["instruct"] for r in rows} == {instruction}
+        assert [(r["query"], r["answer"]) for r in rows] == [(r["query"], r["answer"]) for r in read_rows(seed)]
+    with pytest.raises(DataError, match="instruction is empty"):
+        process.convert(ORI / "msra_1000.txt", tmp_path / "x.txt", "dev", " ")
+
+
+def test_the_trained_instruction_is_what_plain_sentences_are_asked_with(tmp_path):
+    """train_args.json's ner_instruction (the one the training rows share) reaches test/predict's and
+    chat/serve's prompts for plain sentences; without it, the seed's instruction as before."""
+    import argparse
+
+    from dataset import SHORT_INSTRUCTION, prompt_format, shared_instruction
+    from llama_ner.generation.inference import args_prompt_format, config_prompt_format, ner_prompt
+
+    rows = [{"instruct": SHORT_INSTRUCTION}] * 3 + [{"instruct": "other"}]
+    assert shared_instruction(rows) == SHORT_INSTRUCTION
+    assert ner_prompt("北京", prompt_format("raw")) == f"{NER_INSTRUCTION}\n文本：北京\n"
+    config = type("C", (), {"prompt_template": "raw", "ner_instruction": SHORT_INSTRUCTION})()
+    assert ner_prompt("北京", config_prompt_format(config, None)) == f"{SHORT_INSTRUCTION}\n文本：北京\n"
+    (tmp_path / "train_args.json").write_text(json.dumps({"prompt_template": "raw", "ner_instruction": "标出人名。"}))
+    args = argparse.Namespace(lora_model=str(tmp_path), prompt_template=None)
+    assert ner_prompt("北京", args_prompt_format(args, None)) == "标出人名。\n文本：北京\n"
