@@ -12,12 +12,13 @@ steps and at the end; save_dir/deepspeed_checkpoint holds the optimizer state th
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
 from dataset import IGNORE_INDEX, shared_instruction
-from llama_ner.io_utils import run_cli
+from llama_ner.io_utils import UserError, disk_fault, run_cli
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
 DEFAULTS = {**TRAIN_DEFAULTS, "save_dir": "./checkpoint/msra/train_deepspeed/"}  # adapter: save_dir/adapter_model
@@ -120,13 +121,37 @@ def dev_loss(engine, loader: DataLoader) -> float:
 
 
 def save(engine, args: Config, global_step: int, total_steps: int) -> None:
-    """Optimizer state first, then the adapter that names it: a kill between the two keeps the old pair."""
+    """Optimizer state first, then the adapter that names it: a kill between the two keeps the old pair.
+    A save that fails (a full disk) leaves no part of its checkpoint behind."""
     checkpoints = Path(args.save_dir) / CHECKPOINT_DIR
     tag = f"global_step{global_step}"
-    engine.save_checkpoint(str(checkpoints), tag=tag, exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(checkpoints), tag=tag, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as err:
+        fault = disk_fault(err, checkpoints / tag)  # before the removal frees the disk again
+        shutil.rmtree(checkpoints / tag, ignore_errors=True)
+        if fault is not None:
+            raise UserError(f"writing {fault}") from None
+        raise
     state = resume_state(args, global_step, total_steps, f"{CHECKPOINT_DIR}/{tag}")
     save_adapter(engine.module, args.save_dir, args, state)
     remove_old_checkpoints(checkpoints, keep=tag)
+
+
+def check_checkpoint_complete(checkpoint: Path, processes: int) -> None:
+    """The optimizer checkpoint a resume names holds the model states and every process's optimizer share,
+    none of them empty: a cut one (a disk that filled, a copy stopped half-way) is refused, not loaded."""
+    model_states = sorted(checkpoint.glob("*model_states.pt"))  # ZeRO-3: one per process
+    shares = sorted(checkpoint.glob("*optim_states.pt"))  # ZeRO-1/2/3: one per process
+    cut = [p.name for p in [*model_states, *shares] if p.stat().st_size == 0]
+    if not model_states:
+        cut = ["mp_rank_00_model_states.pt"]
+    if cut or (shares and len(shares) != processes):
+        found = f"{len(shares)} optimizer shares for {processes} processes" if not cut else f"{cut[0]} missing or empty"
+        raise ConfigError(
+            f"resume: {checkpoint} is incomplete ({found}): it was cut while saving; start over with resume=false "
+            "(or restore that folder)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     global_step = 0
     if state is not None:
         checkpoint = Path(args.save_dir) / state["checkpoint"]
+        check_checkpoint_complete(checkpoint, state["world_size"])
         engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_module_strict=False)
         global_step = state["global_step"]
 
@@ -182,42 +208,44 @@ def main(argv: list[str] | None = None) -> None:
     last_loss = None
     budget.start()
     engine.train()
-    for epoch in range(done_batches // batches_per_epoch, args.num_train_epochs):
-        train_loader.sampler.set_epoch(epoch)  # same order per epoch on every run: resume can skip
-        for i, batch in enumerate(train_loader):
-            if epoch * batches_per_epoch + i < done_batches or global_step >= total_steps:
+    try:
+        for epoch in range(done_batches // batches_per_epoch, args.num_train_epochs):
+            train_loader.sampler.set_epoch(epoch)  # same order per epoch on every run: resume can skip
+            for i, batch in enumerate(train_loader):
+                if epoch * batches_per_epoch + i < done_batches or global_step >= total_steps:
+                    continue
+                boundary = engine.is_gradient_accumulation_boundary()
+                loss = causal_lm_loss(engine, to_device(batch, engine.device), args.bf16_autocast)
+                engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+                engine.step()  # steps the optimizer (and clips) only at an accumulation boundary
+                window_loss += loss.item()
+                window_batches += 1
+                run_loss += loss.item()
+                run_batches += 1
+                if not boundary:
+                    continue
+                global_step += 1
+                bar.update(1)
+                if global_step % args.log_steps == 0 or global_step == total_steps:
+                    loss_sum, count = sum_across_ranks([window_loss, window_batches], engine.device)
+                    lr = engine.get_lr()[0]
+                    last_loss = loss_sum / count
+                    log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {last_loss:.4f} lr {lr:.2e}")
+                    window_loss, window_batches = 0.0, 0
+                if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
+                    log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
+                if budget.over_everywhere():
+                    log(f"train_minutes={args.train_minutes} spent at step {global_step}: stopping")
+                    break
+                if global_step % args.save_steps == 0 and global_step < total_steps:
+                    save(engine, args, global_step, total_steps)
+                    if best is not None:
+                        best.validate(engine.module, global_step, last_loss)
+            else:
                 continue
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss = causal_lm_loss(engine, to_device(batch, engine.device), args.bf16_autocast)
-            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
-            engine.step()  # steps the optimizer (and clips) only at an accumulation boundary
-            window_loss += loss.item()
-            window_batches += 1
-            run_loss += loss.item()
-            run_batches += 1
-            if not boundary:
-                continue
-            global_step += 1
-            bar.update(1)
-            if global_step % args.log_steps == 0 or global_step == total_steps:
-                loss_sum, count = sum_across_ranks([window_loss, window_batches], engine.device)
-                lr = engine.get_lr()[0]
-                last_loss = loss_sum / count
-                log(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {last_loss:.4f} lr {lr:.2e}")
-                window_loss, window_batches = 0.0, 0
-            if dev_rows and args.eval_steps > 0 and global_step % args.eval_steps == 0:
-                log(f"step {global_step}/{total_steps} dev loss {dev_loss(engine, dev_loader):.4f}")
-            if budget.over_everywhere():
-                log(f"train_minutes={args.train_minutes} spent at step {global_step}: stopping")
-                break
-            if global_step % args.save_steps == 0 and global_step < total_steps:
-                save(engine, args, global_step, total_steps)
-                if best is not None:
-                    best.validate(engine.module, global_step, last_loss)
-        else:
-            continue
-        break  # the time budget is spent
-    bar.close()
+            break  # the time budget is spent
+    finally:  # the bar ends before an error line, which stays the last one
+        bar.close()
     save(engine, args, global_step, total_steps)
     if best is not None:
         best.validate(engine.module, global_step, last_loss)

@@ -72,18 +72,36 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def disk_fault(err: BaseException) -> str | None:
-    """One line for a disk fault (no space, read-only, no permission) anywhere in err's chain, else None.
+TORCH_WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")  # torch's zip writer on a full disk
 
-    torch.save reports a full disk as a RuntimeError whose cause is the OSError; its own text is unhelpful."""
+
+def disk_fault(err: BaseException, path: str | Path | None = None) -> str | None:
+    """One line for a disk fault (no space, read-only, no permission) anywhere in err's chain, else None.
+    It names `path` (the output being written) when given, else the file the error names.
+
+    torch.save reports a full disk as a RuntimeError whose cause is the OSError, or, from its zip writer,
+    as `[enforce fail at inline_container.cc] . unexpected pos` with no cause: that one counts when the
+    disk under `path` is (still) full."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in DISK_FAULTS:
-            where = f"{err.filename}: " if err.filename else ""
-            return f"{where}{os.strerror(err.errno)}; {DISK_FAULTS[err.errno]}"
+            where = path or err.filename
+            return f"{f'{where}: ' if where else ''}{os.strerror(err.errno)}; {DISK_FAULTS[err.errno]}"
         if isinstance(err, RuntimeError) and str(err).startswith("Symlink loop"):  # pathlib's resolve()
-            return f"{err}: {DISK_FAULTS[errno.ELOOP]}"
+            return f"{path or err}: {DISK_FAULTS[errno.ELOOP]}"
+        if isinstance(err, RuntimeError) and path and any(s in str(err) for s in TORCH_WRITER_FAILURES):
+            if disk_full(path):
+                return f"{path}: {os.strerror(errno.ENOSPC)}; {DISK_FAULTS[errno.ENOSPC]}"
         err = err.__cause__ or err.__context__
     return None
+
+
+def disk_full(path: str | Path) -> bool:
+    """Less than 1 MiB free on the filesystem that holds `path` (or its nearest existing parent)."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
 def read_text(path: str | Path, error: type[UserError] = UserError) -> str:
@@ -283,9 +301,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def raise_disk_fault(err: BaseException, path: Path) -> None:
     """A disk fault while writing `path` becomes one line naming `path` (not its temporary); the caller's
     finally removes the temporary. Anything else goes on as it was."""
-    fault = disk_fault(err)
+    fault = disk_fault(err, path)
     if fault is not None:
-        raise UserError(f"writing {path}: {fault.split(': ', 1)[-1] if ': ' in fault else fault}") from None
+        raise UserError(f"writing {fault}") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -125,6 +125,22 @@ CASES: dict[str, Case] = {
     "train_trainer/query-not-a-string": Case("train_trainer", [*TRAIN, "train_path={rows_query_int}"], 2, "'query'"),
     "train_trainer/answer-empty": Case("train_trainer", [*TRAIN, "train_path={rows_answer_empty}"], 2, "write 没有"),
     "train_trainer/json-array": Case("train_trainer", [*TRAIN, "train_path={rows_array}"], 2, "JSON lines"),
+    "train_trainer/eval-f1-without-file": Case("train_trainer", [*TRAIN, "eval_f1_rows=4"], 2, "eval_f1_path="),
+    "train_trainer/eval-f1-trained-rows": Case(
+        "train_trainer", [*TRAIN, "eval_f1_path={dev}", "eval_f1_rows=2"], 2, "also in train_path"
+    ),
+    "train_trainer/eval-f1-is-dev": Case(
+        "train_trainer",
+        [*TRAIN, "dev_path={named_output}", "eval_f1_path={named_output}", "eval_f1_rows=2"],
+        2,
+        "is dev_path",
+    ),
+    "train_trainer/train-minutes-negative": Case("train_trainer", [*TRAIN, "train_minutes=-1"], 2, "train_minutes"),
+    "train_trainer/autocast-typo": Case("train_trainer", [*TRAIN, "bf16_autocast=maybe"], 2, "auto, true or false"),
+    "train_deepspeed/eval-f1-without-file": Case("train_deepspeed", [*TRAIN, "eval_f1_rows=4"], 2, "eval_f1_path="),
+    "process/empty-instruction": Case(
+        "process", ["--in_file={bio}", "--out_file={out}/x.txt", "--instruction= "], 2, "instruction is empty"
+    ),
     "test/answer-not-a-string": Case("test", [*TEST, "--dev_path={rows_answer_int}"], 2, ":2: column 'answer'"),
     "test/json-array": Case("test", [*TEST, "--dev_path={rows_array}"], 2, "a JSON array"),
     # test.py
@@ -632,3 +648,48 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(world, small_di
     assert not any(place.iterdir()), list(place.iterdir())
     if disk == "read_only":
         assert "loading" not in proc.stdout.lower() and "trainable params" not in proc.stdout
+
+
+@pytest.fixture
+def filling_disk(tmp_path):
+    """A 1 MB tmpfs: room for the run to start, not for a rank-64 LoRA's optimizer state."""
+    disk = tmp_path / "filling"
+    disk.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_raw_deepspeed_on_a_disk_that_fills_while_saving_is_one_line_and_leaves_no_cut_checkpoint(world, filling_disk):
+    """train_deepspeed.py's first save fills the disk inside DeepSpeed's save_checkpoint (torch's zip writer
+    says only 'unexpected pos'): one line naming the checkpoint, exit 2, no partial global_step2 left."""
+    argv = [a.format(**world, out=filling_disk) for a in TRAIN]
+    argv += ["save_steps=2", "lora_r=64", "lora_alpha=64", "train_batch_size=1"]
+    proc = subprocess.run([sys.executable, "train_deepspeed.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: writing ") and "global_step2: No space left on device" in last, last
+    assert "Traceback" not in proc.stderr
+    checkpoints = filling_disk / "run" / "deepspeed_checkpoint"
+    assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.is_dir()]
+    assert not (filling_disk / "run" / "adapter_model").exists()  # the adapter never names a cut checkpoint
+
+
+def test_a_resume_refuses_a_cut_checkpoint(tmp_path):
+    """A checkpoint folder whose optimizer share is empty, or that lacks one process's share, is not loaded."""
+    train_deepspeed = import_script("train_deepspeed")
+    tag = tmp_path / "global_step4"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="incomplete .*optim_states.pt missing or empty.*resume=false"):
+        train_deepspeed.check_checkpoint_complete(tag, 1)
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+    with pytest.raises(UserError, match="1 optimizer shares for 2 processes"):
+        train_deepspeed.check_checkpoint_complete(tag, 2)
+    train_deepspeed.check_checkpoint_complete(tag, 1)  # complete: no error
