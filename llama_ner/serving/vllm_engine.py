@@ -21,7 +21,14 @@ import numpy as np
 from dataset import ALPACA
 from llama_ner.generation.inference import ner_prompt
 from llama_ner.generation.ner_constraint import NerConstraint
-from llama_ner.generation.vllm_client import MAX_IN_FLIGHT, EngineError, VllmClient, decode_answer, prompt_ids
+from llama_ner.generation.vllm_client import (
+    MAX_IN_FLIGHT,
+    EngineError,
+    EngineRefused,
+    VllmClient,
+    decode_answer,
+    prompt_ids,
+)
 from llama_ner.generation.vllm_process import VllmServer
 from llama_ner.serving.batching import DeltaStreamer, Job
 
@@ -34,6 +41,7 @@ class VllmEngine:
         self.tokenizer = client.tokenizer
         self.pool = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix="vllm")
         self.running, self.closed = 0, False
+        self.failure = ""  # the one line of a request the vLLM started here failed with (5xx)
         self.counts = {"engine": "vllm", "engine_url": client.url, "requests": 0}
 
     def queued(self) -> int:
@@ -41,6 +49,8 @@ class VllmEngine:
 
     def down(self) -> str | None:
         """Why the engine cannot serve now, or None."""
+        if self.failure:
+            return self.failure
         if self.server is not None and not self.server.alive():
             code = self.server.proc.returncode
             return f"vLLM exited (code {code}); its log is {self.server.log_path}; restart serve.py"
@@ -70,6 +80,11 @@ class VllmEngine:
         self.counts["requests"] += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self.run, job)
+        except EngineError as err:
+            if self.server is not None and not isinstance(err, EngineRefused):
+                self.failure = str(self.server.request_failed(err))
+                raise EngineError(self.failure) from None
+            raise
         finally:
             self.running -= len(job.inputs)
 
