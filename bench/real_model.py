@@ -193,7 +193,7 @@ def main() -> None:
         processed[name] = out / f"{name}_{re.sub(r'[^a-z]', '', cli.instruction)[:12] or 'custom'}.txt"
         if not processed[name].exists():
             run(f"process.py: {name}", [py, "process.py", f"--in_file={source}", f"--out_file={processed[name]}",
-                                        f"--mode={mode}", f"--instruction={cli.instruction}"],
+                                        f"--mode={mode}", f"--instruction={cli.instruction}", "--loose_tags=true"],
                 out / f"process_{name}.log")  # fmt: skip
     train_file, validation_file = split_rows(processed["train"], cli.rows, cli.val_rows, cli.none_share, out)
     save_dir = out / "run"
