@@ -4,8 +4,11 @@
     python test.py --train_args_path=checkpoint/msra/train_deepspeed/adapter_model/train_args.json
     python test.py --dev_path=data/msra/instruct_data/dev.txt --eval_batch_size=32 --max_rows=200
 
-Writes test_predictions.jsonl (query, answer, prediction per row) and test_metrics.json
-(precision, recall, f1, per_type, n, ...) into save_dir (or --output_dir).
+Two scores: distinct (entity, type) pairs per row (this project's F1, top level of test_metrics.json) and
+span-level (`span_level`: each entity located in its text by character offsets, start, end and type
+matched, as seqeval counts and as published MSRA results are reported). Writes test_predictions.jsonl
+(query, answer, prediction per row), test_metrics.json (both scores, per type) and test_errors.json (per type
+the most frequent missed, wrongly typed and spurious entities) into save_dir (or --output_dir).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from config_utils import ConfigError, print_config
-from dataset import load_data
+from dataset import QUERY_PREFIX, load_data
 from llama_ner.generation.inference import adapter_dir, engine_answer_rows, resolve_config
-from llama_ner.generation.metrics import format_table, score
+from llama_ner.generation.metrics import error_report, format_table, score, span_score
 from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
-OUTPUT_FILES = ("test_predictions.jsonl", "test_metrics.json")
+OUTPUT_FILES = ("test_predictions.jsonl", "test_metrics.json", "test_errors.json")
 TEST_DEFAULTS = {
     "max_rows": 0,  # evaluate only the first N rows of dev_path; 0 = all
     "output_dir": "",  # where test_predictions.jsonl and test_metrics.json go; '' = save_dir
@@ -36,11 +39,12 @@ def prediction_records(rows: list[dict[str, Any]], predictions: list[str], confi
     ]
 
 
-def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[str, Any]) -> None:
+def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[str, Any], errors: dict) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    predictions_file, metrics_file = (out_dir / name for name in OUTPUT_FILES)
+    predictions_file, metrics_file, errors_file = (out_dir / name for name in OUTPUT_FILES)
     atomic_write_text(predictions_file, lines)
     atomic_write_text(metrics_file, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(errors_file, json.dumps(errors, ensure_ascii=False, indent=2) + "\n")
 
 
 def warn_other_instruction(rows: list[dict[str, Any]], config: Any) -> None:
@@ -69,16 +73,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     predictions, constraint = engine_answer_rows(rows, config)
     seconds = time.perf_counter() - start
-    metrics = score([r[config.response_column] for r in rows], predictions)
+    golds = [r[config.response_column] for r in rows]
+    metrics = score(golds, predictions)
+    texts = [(r.get(config.query_column) or "").removeprefix(QUERY_PREFIX) for r in rows]
+    metrics["span_level"] = span_score(texts, golds, predictions)
     adapter = adapter_dir(config)
     metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
     metrics.update(constrained=constraint is not None, entity_types=list(constraint.types) if constraint else None)
-    write_outputs(out_dir, prediction_records(rows, predictions, config), metrics)
+    write_outputs(out_dir, prediction_records(rows, predictions, config), metrics, error_report(golds, predictions))
     print(format_table(metrics))
     print(
         f"{len(rows)} rows in {seconds:.1f}s, model loading included ({len(rows) / seconds:.2f} rows/s, engine "
         f"{config.engine}); "
-        f"wrote {out_dir / 'test_predictions.jsonl'} and {out_dir / 'test_metrics.json'}"
+        f"wrote {', '.join(str(out_dir / name) for name in OUTPUT_FILES)}"
     )
     return metrics
 

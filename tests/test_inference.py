@@ -200,6 +200,11 @@ def test_test_py_scores_memorized_rows_high(memorized):
     assert metrics["recall"] == pytest.approx(tp / (tp + fn))
     assert set(metrics["per_type"]) >= {"人名", "地名", "机构名"}
     assert "micro" in proc.stdout and f"{metrics['f1']:.4f}" in proc.stdout
+    spans = metrics["span_level"]  # every answered entity at every place it occurs: at least as many as pairs
+    assert spans["f1"] >= 0.9 and spans["tp"] + spans["fn"] >= tp + fn and f"{spans['f1']:.4f}" in proc.stdout
+    errors = json.loads((save_dir / "test_errors.json").read_text(encoding="utf-8"))
+    assert set(errors) == {"missed", "wrong_type", "spurious"}
+    assert sum(n for table in errors.values() for items in table.values() for _, n in items) <= fp + fn
 
 
 def test_test_py_scores_unseen_rows_low(memorized, tmp_path):

@@ -79,7 +79,7 @@ def test_score_rejects_misaligned_lists():
 
 def test_format_table_lists_every_type_and_micro():
     table = format_table(score(["北京_地名"], ["北京_地名"]))
-    assert [line.split()[0] for line in table.splitlines()[1:5]] == ["人名", "地名", "机构名", "micro"]
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["人名", "地名", "机构名", "micro"]
     assert "exact match 1.0000 over 1 rows" in table
 
 
@@ -94,3 +94,75 @@ def test_nothing_to_find_is_undefined_not_zero():
     wrong = score(["没有", "没有"], ["北京_地名", "没有"])  # one entity predicted where none was: F1 0, defined
     assert wrong["f1"] == 0.0 and wrong["precision"] == 0.0 and wrong["none_accuracy"] == 0.5
     assert score(["北京_地名"], ["北京_地名"])["per_type"]["人名"]["f1"] is None  # a type nobody named
+
+
+# Span-level scores against seqeval (the scorer NER papers report with) on hand-written character BIO tags.
+# Each case: text, gold answer, predicted answer, gold tags, predicted tags (one tag a character).
+SPAN_CASES = [
+    # an entity that occurs twice: both occurrences are spans, both found
+    ("北京人爱北京", "北京_地名", "北京_地名", "B-地名 I-地名 O O B-地名 I-地名", "B-地名 I-地名 O O B-地名 I-地名"),
+    # one entity missed, one found
+    ("李四去上海", "李四_人名\n上海_地名", "上海_地名", "B-人名 I-人名 O B-地名 I-地名", "O O O B-地名 I-地名"),
+    # the wrong type: a miss and a spurious span
+    ("新华社报道", "新华社_机构名", "新华社_地名", "B-机构名 I-机构名 I-机构名 O O", "B-地名 I-地名 I-地名 O O"),
+    # a partial span, and the longer entity wins where an answer's two entities overlap
+    (
+        "北京大学在北京",
+        "北京大学_机构名\n北京_地名",
+        "北京_机构名",
+        "B-机构名 I-机构名 I-机构名 I-机构名 O B-地名 I-地名",
+        "B-机构名 I-机构名 O O O B-机构名 I-机构名",
+    ),  # fmt: skip
+    # nothing expected, a spurious one answered
+    ("今天很好", "没有", "今天_人名", "O O O O", "B-人名 I-人名 O O"),
+    # adjacent entities of one type stay two spans
+    ("张三李四", "张三_人名\n李四_人名", "张三李四_人名", "B-人名 I-人名 B-人名 I-人名", "B-人名 I-人名 I-人名 I-人名"),
+]
+
+
+def test_span_scores_equal_seqeval():
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    from llama_ner.generation.metrics import span_score
+
+    texts, golds, preds, gold_tags, pred_tags = (list(column) for column in zip(*SPAN_CASES, strict=True))
+    y_true, y_pred = [t.split() for t in gold_tags], [t.split() for t in pred_tags]
+    assert [len(t) for t in y_true] == [len(t) for t in texts] == [len(t) for t in y_pred]
+    ours = span_score(texts, golds, preds)
+    assert ours["precision"] == pytest.approx(precision_score(y_true, y_pred))
+    assert ours["recall"] == pytest.approx(recall_score(y_true, y_pred))
+    assert ours["f1"] == pytest.approx(f1_score(y_true, y_pred))
+    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    for kind in ("人名", "地名", "机构名"):
+        assert ours["per_type"][kind]["f1"] == pytest.approx(report[kind]["f1-score"]), kind
+        assert ours["per_type"][kind]["support"] == report[kind]["support"], kind
+    assert (ours["tp"], ours["fp"], ours["fn"]) == (3, 5, 6)  # hand-counted: 2+1+0+0+0+0, 0+0+1+2+1+1, 0+1+1+2+0+2
+
+
+def test_span_scores_differ_from_pair_scores_where_an_entity_repeats():
+    from llama_ner.generation.metrics import span_score
+
+    text, gold, pred = "北京人爱北京，上海", "北京_地名\n上海_地名", "北京_地名"
+    assert score([gold], [pred])["recall"] == pytest.approx(1 / 2)  # pairs: 北京 once, 上海
+    assert span_score([text], [gold], [pred])["recall"] == pytest.approx(2 / 3)  # spans: 北京 twice, 上海
+
+
+def test_error_report_names_missed_wrong_and_spurious():
+    from llama_ner.generation.metrics import error_report
+
+    golds = ["北京_地名\n李四_人名", "北京_地名\n新华社_机构名", "没有"]
+    preds = ["李四_人名", "北京_机构名", "今天_人名"]
+    report = error_report(golds, preds)
+    assert report["missed"] == {"地名": [["北京", 1]], "机构名": [["新华社", 1]]}
+    assert report["wrong_type"] == {"地名": [["北京 -> 机构名", 1]]}
+    assert report["spurious"] == {"人名": [["今天", 1]]}
+
+
+def test_table_names_both_scores():
+    from llama_ner.generation.metrics import span_score
+
+    metrics = score(["北京_地名"], ["北京_地名"])
+    metrics["span_level"] = span_score(["北京"], ["北京_地名"], ["北京_地名"])
+    table = format_table(metrics)
+    assert "entity pairs" in table and "spans (start, end and type" in table
+    assert table.count("micro       1.0000    1.0000    1.0000") == 2

@@ -15,6 +15,8 @@ answered `没有` that should be) say how such rows went.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from dataset import NO_ENTITY
@@ -97,19 +99,79 @@ def score(golds: list[str], preds: list[str]) -> dict[str, Any]:
     }
 
 
+def locate(text: str, pairs: Iterable[tuple[str, str]]) -> list[tuple[int, int, str]]:
+    """Character spans [start, end) of each (entity, type) at every place it occurs in `text`, sorted; longer
+    entities first where two would overlap (中国 inside 中国银行), the answer's first type where one entity
+    has two."""
+    found = []
+    for order, (entity, kind) in enumerate(pairs):
+        start = text.find(entity)
+        while start >= 0:
+            found.append((-len(entity), start, order, kind))
+            start = text.find(entity, start + 1)
+    taken = [False] * len(text)
+    spans = []
+    for negative_length, start, _, kind in sorted(found):
+        end = start - negative_length
+        if not any(taken[start:end]):
+            taken[start:end] = [True] * (end - start)
+            spans.append((start, end, kind))
+    return sorted(spans)
+
+
+def span_score(texts: list[str], golds: list[str], preds: list[str]) -> dict[str, Any]:
+    """Span-level micro and per-type P/R/F1, as NER papers report (seqeval on character BIO tags): a span
+    counts when its start, end and type all match; gold and answered entities are located in their text."""
+    counts: dict[str, list[int]] = {}
+    for text, gold_text, pred_text in zip(texts, golds, preds, strict=True):
+        gold = set(locate(text, ordered_pairs(gold_text)))
+        pred = set(locate(text, ordered_pairs(pred_text)))
+        for span in gold | pred:
+            counts.setdefault(span[2], [0, 0, 0])[0 if span in gold and span in pred else 1 if span in pred else 2] += 1
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    per_type = {kind: {**prf(*c), "tp": c[0], "fp": c[1], "fn": c[2], "support": c[0] + c[2]}
+                for kind, c in sorted(counts.items())}  # fmt: skip
+    return {**prf(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "per_type": per_type}
+
+
+def ordered_pairs(answer: str) -> list[tuple[str, str]]:
+    """The answer's (entity, type) lines in order, repeats dropped."""
+    lines = (line.strip() for line in answer.splitlines())
+    return list(dict.fromkeys(pair for line in lines if line and line != NO_ENTITY and (pair := parse_line(line))))
+
+
+def error_report(golds: list[str], preds: list[str], top: int = 10) -> dict[str, dict[str, list]]:
+    """Per gold type, the most frequent missed entities, entities given another type ('北京 -> 机构名'), and
+    per answered type the spurious ones (in no gold answer of the row), each [[entity, count]]."""
+    missed: dict[str, Counter] = {}
+    wrong: dict[str, Counter] = {}
+    spurious: dict[str, Counter] = {}
+    for gold_text, pred_text in zip(golds, preds, strict=True):
+        gold, pred = parse_entities(gold_text), parse_entities(pred_text)
+        gold_types = {entity: kind for entity, kind in gold}
+        pred_types = {entity: kind for entity, kind in pred}
+        for entity, kind in gold - pred:
+            if entity in pred_types:
+                wrong.setdefault(kind, Counter())[f"{entity} -> {pred_types[entity]}"] += 1
+            else:
+                missed.setdefault(kind, Counter())[entity] += 1
+        for entity, kind in pred - gold:
+            if entity not in gold_types:
+                spurious.setdefault(kind, Counter())[entity] += 1
+    return {
+        name: {kind: [list(item) for item in tally.most_common(top)] for kind, tally in sorted(table.items())}
+        for name, table in (("missed", missed), ("wrong_type", wrong), ("spurious", spurious))
+    }
+
+
 def display_width(text: str) -> int:
     """Terminal columns of `text`: CJK characters take two."""
     return sum(2 if ord(ch) >= 0x2E80 else 1 for ch in text)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The metrics as a fixed-width text table."""
-    lines = [f"{'type':<8}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
-    rows = [*metrics["per_type"].items(), ("micro", {**metrics, "support": metrics["tp"] + metrics["fn"]})]
-    for kind, m in rows:
-        label = kind + " " * max(1, 8 - display_width(kind))
-        values = "".join(f"{'n/a' if m[k] is None else f'{m[k]:.4f}':>10}" for k in ("precision", "recall", "f1"))
-        lines.append(f"{label}{values}{m['support']:>9}")
+    """The metrics as fixed-width text tables: distinct (entity, type) pairs per row, then span-level."""
+    lines = ["entity pairs (distinct 实体_类型 per row; this project's F1)", *type_table(metrics)]
     if metrics["f1"] is None:
         lines.append("no entity was expected or predicted: P/R/F1 are undefined (n/a), not 0")
     none = metrics.get("none_accuracy")
@@ -118,4 +180,17 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"exact match {metrics['exact_match']:.4f} over {metrics['n']} rows{none_part}; "
         f"malformed lines {metrics['malformed']}"
     )
+    if "span_level" in metrics:
+        lines += ["spans (start, end and type by character offsets; published MSRA F1s count these)"]
+        lines += type_table(metrics["span_level"])
     return "\n".join(lines)
+
+
+def type_table(metrics: dict[str, Any]) -> list[str]:
+    lines = [f"{'type':<8}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    rows = [*metrics["per_type"].items(), ("micro", {**metrics, "support": metrics["tp"] + metrics["fn"]})]
+    for kind, m in rows:
+        label = kind + " " * max(1, 8 - display_width(kind))
+        values = "".join(f"{'n/a' if m[k] is None else f'{m[k]:.4f}':>10}" for k in ("precision", "recall", "f1"))
+        lines.append(f"{label}{values}{m['support']:>9}")
+    return lines
