@@ -122,6 +122,15 @@ def shared_instruction(rows: list[dict[str, Any]], column: str = "instruct") -> 
     return counts.most_common(1)[0][0] if counts else ""
 
 
+def answer_types(rows: list[dict[str, Any]], column: str = "answer") -> str:
+    """The entity types of the rows' `实体_类型` answer lines, in order of first appearance, joined by commas
+    (train_args.json's trained_entity_types: constrained answers use them)."""
+    found = (line.strip().rpartition("_") for row in rows for line in str(row.get(column) or "").splitlines())
+    return ",".join(
+        dict.fromkeys(kind.strip() for entity, sep, kind in found if sep and entity.strip() and kind.strip())
+    )
+
+
 def load_data(
     path: str | Path, columns: tuple[str, ...] = (), answer_column: str = "", optional: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:

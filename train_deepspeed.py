@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
-from dataset import IGNORE_INDEX, shared_instruction
+from dataset import IGNORE_INDEX, answer_types, shared_instruction
 from llama_ner.io_utils import UserError, disk_fault, run_cli
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_train_args(DEFAULTS, __doc__, argv, source=__file__)
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     args.ner_instruction = shared_instruction(train_rows, args.instruct_column)  # plain sentences get it
+    args.trained_entity_types = answer_types(train_rows, args.response_column)  # constrained answers use them
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     args.precision = precision  # train_args.json records the precision used
     args.bf16_autocast = resolve_autocast(args.bf16_autocast, precision)
+    torch.set_flush_denormal(True)  # CPU: subnormal floats (softmax tails) take a slow path; ~0 changes nothing
     init_distributed(args.ddp_timeout)
     import deepspeed
 

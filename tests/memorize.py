@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from config_utils import Config, save_config
-from dataset import NerCollate
+from dataset import NerCollate, answer_types, load_data
 from demo import MEMORIZE_OVERRIDES
 from llama_ner.training.model import causal_lm_loss
 from llama_ner.training.train_config import TRAIN_DEFAULTS
@@ -28,7 +28,8 @@ def train_args(base_dir: Path, save_dir: Path, dev_path: Path, rows: int, epochs
     """The train_args.json the training scripts would write for this run (the demo's memorize recipe)."""
     run = {"model_dir": str(base_dir), "save_dir": str(save_dir), "train_path": str(dev_path)}
     run |= {"dev_path": str(dev_path), "train_batch_size": rows, "num_train_epochs": epochs, "max_seq_length": 256}
-    return {**TRAIN_DEFAULTS, **MEMORIZE_OVERRIDES, **run}
+    trained = answer_types(load_data(dev_path)[:rows])  # as the training scripts record it
+    return {**TRAIN_DEFAULTS, **MEMORIZE_OVERRIDES, **run, "trained_entity_types": trained}
 
 
 def train_memorized_lora(

@@ -105,6 +105,8 @@ def check_adapter(adapter_dir: Path, base_dir: Path, targets: list[str] = LORA_T
     weights = load_file(adapter_dir / "adapter_model.safetensors")
     train_args = json.loads((adapter_dir / "train_args.json").read_text("utf-8"))
     assert all(key in train_args for key in TRAIN_ARGS_KEYS), sorted(set(TRAIN_ARGS_KEYS) - set(train_args))
+    trained_types = train_args["trained_entity_types"].split(",")  # MSRA rows: constrained answers use these
+    assert trained_types and set(trained_types) <= {"人名", "地名", "机构名"}, trained_types
     config = json.loads((base_dir / "config.json").read_text())
     hidden, inter, r = config["hidden_size"], config["intermediate_size"], train_args["lora_r"]
     kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]

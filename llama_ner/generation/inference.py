@@ -267,18 +267,21 @@ def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]
 
     if not config.constrained:
         return None
-    types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column)
+    trained = getattr(config, "trained_entity_types", "")
+    types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column,
+                              trained=trained)  # fmt: skip
     texts = [text_of_query(row.get(config.query_column) or "", row[config.instruct_column]) for row in rows]
     return NerConstraint(tokenizer, texts, types)
 
 
 def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
     """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
-    (its train_args.json's train_path), else MSRA's."""
+    (its train_args.json's trained_entity_types, else its train_path's answers), else MSRA's."""
     from llama_ner.generation.ner_constraint import load_entity_types
 
     config = adapter_train_args(args.lora_model)
-    return load_entity_types(args.entity_types, config.get("train_path"), config.get("response_column", "answer"))
+    column, trained = config.get("response_column", "answer"), config.get("trained_entity_types", "")
+    return load_entity_types(args.entity_types, config.get("train_path"), column, trained=trained)
 
 
 def adapter_train_args(lora_model: str | None) -> dict[str, Any]:

@@ -88,9 +88,14 @@ def check_types(types: Sequence[str], where: str) -> tuple[str, ...]:
 
 
 def load_entity_types(
-    spec: str = "", train_path: str | Path | None = None, column: str = "answer", strict: bool = False
+    spec: str = "",
+    train_path: str | Path | None = None,
+    column: str = "answer",
+    strict: bool = False,
+    trained: str = "",
 ) -> tuple[str, ...]:
-    """Types from `spec` ("人名,地名"), else those in train_path's answers, else MSRA's three.
+    """Types from `spec` ("人名,地名"), else `trained` (train_args.json's trained_entity_types, recorded by
+    training), else those in train_path's answers (adapters trained before it was recorded), else MSRA's three.
 
     A train_path that cannot be read (train_args.json records it relative to where training ran)
     or holds no typed answer is a warning, not an error: MSRA's types are right for MSRA, and an
@@ -99,6 +104,10 @@ def load_entity_types(
     """
     if spec:
         return check_types(spec.split(","), "entity_types")
+    if trained:
+        types = check_types(trained.split(","), "trained_entity_types")
+        print(f"entity types the adapter was trained on (train_args.json): {'/'.join(types)}")
+        return types
     if not train_path:
         print(f"entity types: MSRA's {'/'.join(ENTITY_TYPES)} (no training data given)")
         return ENTITY_TYPES
