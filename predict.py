@@ -3,10 +3,14 @@
     python predict.py                                     # the three built-in MSRA examples
     python predict.py --predict_path=my_texts.txt         # plain text, one sentence per line
     python predict.py --predict_path=data/msra/instruct_data/dev.txt --max_rows=5
+    python predict.py --predict_path=my_texts.txt --output_path=tagged.jsonl   # tag a file
 
 Loading is test.py's: train_args.json (--train_args_path=...) plus overrides. A
 --predict_path file is either instruction JSON lines ({"instruct", "query"[, "answer"]})
-or plain text, one sentence per line, which gets wrapped in the NER instruction.
+or plain text, one sentence per line, which gets wrapped in the NER instruction. With --output_path
+the answers go to JSON lines instead of the screen, one a row: {"text", "answer", "entities": [{"text",
+"type", "spans": [[start, end]]}]} (serve.py's /v1/ner shape; every place each entity occurs), batched
+(--eval_batch_size) with a progress bar.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from config_utils import print_config
-from dataset import NER_INSTRUCTION, DataError, load_data, ner_row
+from dataset import NER_INSTRUCTION, QUERY_PREFIX, DataError, load_data, ner_row
 from llama_ner.generation.inference import engine_answer_rows, resolve_config
-from llama_ner.generation.metrics import score
-from llama_ner.io_utils import read_lines, run_cli
+from llama_ner.generation.metrics import answer_entities, score
+from llama_ner.io_utils import atomic_write_text, check_output_file, read_lines, run_cli
 
 PREDICT_DEFAULTS = {
     "predict_path": "",  # '' = the built-in examples; else instruction JSON lines or plain text lines
     "max_rows": 0,  # predict only the first N rows; 0 = all
+    "output_path": "",  # '' = print; else JSON lines with each entity's text, type and character spans
 }
 
 EXAMPLES = [
@@ -84,14 +89,28 @@ def show(rows: list[dict[str, Any]], predictions: list[str], config: Any) -> Non
             print("真实 >>> ", row[config.response_column])
 
 
+def write_tagged(path: str, rows: list[dict[str, Any]], predictions: list[str], config: Any) -> None:
+    lines = []
+    for row, answer in zip(rows, predictions, strict=True):
+        text = (row.get(config.query_column) or "").removeprefix(QUERY_PREFIX)
+        record = {"text": text, "answer": answer, "entities": answer_entities(text, answer)}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     config = resolve_config(sys.argv[1:] if argv is None else argv, PREDICT_DEFAULTS, __doc__, __file__)
     print_config(config)
+    if config.output_path:  # checked before the model loads
+        check_output_file(config.output_path, "output_path", [config.predict_path, config.train_args_path])
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
     predictions, _ = engine_answer_rows(rows, config)
-    show(rows, predictions, config)
+    if config.output_path:
+        write_tagged(config.output_path, rows, predictions, config)
+    else:
+        show(rows, predictions, config)
     gold = [r.get(config.response_column) for r in rows]
     summary = f"{len(rows)} texts predicted"
     if all(g is not None for g in gold):
@@ -101,6 +120,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         else:
             summary += f"; against the gold answers: precision {m['precision']:.4f} recall {m['recall']:.4f}"
             summary += f" f1 {m['f1']:.4f}"
+    if config.output_path:
+        found = sum(len(answer_entities("", a)) for a in predictions)
+        summary += f", {found} entities; wrote {config.output_path}"
     print("=" * 100)
     print(summary)
     return predictions

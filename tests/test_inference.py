@@ -312,6 +312,32 @@ def test_predict_plain_text_and_json_lines(memorized, tmp_path, capsys):
     assert out.count("真实 >>> ") == 2 and "f1 1.0000" in out
 
 
+def test_predict_tags_a_file_with_character_spans(memorized, tmp_path, capsys):
+    """--output_path: one JSON line a sentence, each entity with every place it occurs (checked by slicing)."""
+    predict = import_script("predict")
+    rows = [r for r in memorized["seen_rows"] if r["answer"] != "没有"][:3]
+    texts = [r["query"].removeprefix("文本：") for r in rows]
+    plain = tmp_path / "texts.txt"
+    plain.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "tagged.jsonl"
+    args = [f"--train_args_path={memorized['train_args']}", "--max_new_tokens=64", f"--predict_path={plain}"]
+    predict.main([*args, f"--output_path={out}"])
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in records] == texts and [r["answer"] for r in records] == [r["answer"] for r in rows]
+    for record in records:
+        answered = [line.rpartition("_") for line in record["answer"].splitlines()]
+        assert [(e["text"], e["type"]) for e in record["entities"]] == [(a, k) for a, _, k in answered]
+        for entity in record["entities"]:
+            assert entity["spans"] and all(record["text"][s:e] == entity["text"] for s, e in entity["spans"])
+            assert len(entity["spans"]) == record["text"].count(entity["text"])  # no repeat overlaps here
+    printed = capsys.readouterr().out
+    assert "文本 >>> " not in printed and f"wrote {out}" in printed
+    from llama_ner.io_utils import UserError
+
+    with pytest.raises(UserError, match="input"):  # never over the input, before any model loads
+        predict.main([*args, f"--output_path={plain}"])
+
+
 def test_predict_builtin_examples(memorized, memorized_model, capsys):
     """Without --predict_path: the three built-in examples, generated as generate_answers does, shown with gold."""
     predict = import_script("predict")

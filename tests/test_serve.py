@@ -68,7 +68,7 @@ def occurrences(text: str, entity: str) -> list[list[int]]:
 
 
 def test_entities_in_answer_order_with_every_span():
-    from llama_ner.serving.http_api import entities
+    from llama_ner.generation.metrics import answer_entities as entities
 
     answer = "北京_地名\n上海_地名\n没有\n不是实体\n北京_地名\n京_地名"
     assert entities("北京和北京", answer) == [
@@ -431,7 +431,7 @@ needs_chromium = pytest.mark.skipif(
 
 @needs_chromium
 def test_page_highlights_entities_in_chromium(server, memorized):
-    from llama_ner.serving.http_api import entities
+    from llama_ner.generation.metrics import answer_entities as entities
 
     row = next(r for r in memorized["seen_rows"] if r["answer"] != "没有")
     text = row["query"].removeprefix("文本：")
@@ -447,7 +447,8 @@ def test_page_highlights_entities_in_chromium(server, memorized):
 def test_page_nests_overlapping_entities_and_counts_code_points(tmp_path):
     """A fixed answer served to the real page: contained spans nest, a crossing span is split at the end of
     the one it starts in, and characters beyond UTF-16's first plane do not shift later marks."""
-    from llama_ner.serving.http_api import PAGE, entities
+    from llama_ner.generation.metrics import answer_entities as entities
+    from llama_ner.serving.http_api import PAGE
 
     text = "😀我在北京和日本，𠮷去了东京都。"
     answer = "日_地名\n京_地名\n北京_地名\n东京_地名\n京都_地名\n我_人名"

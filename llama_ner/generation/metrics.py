@@ -15,6 +15,7 @@ answered `没有` that should be) say how such rows went.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -138,6 +139,16 @@ def ordered_pairs(answer: str) -> list[tuple[str, str]]:
     """The answer's (entity, type) lines in order, repeats dropped."""
     lines = (line.strip() for line in answer.splitlines())
     return list(dict.fromkeys(pair for line in lines if line and line != NO_ENTITY and (pair := parse_line(line))))
+
+
+def answer_entities(text: str, answer: str) -> list[dict[str, Any]]:
+    """The answer's distinct `实体_类型` lines in order, each with every [start, end) where it occurs in text
+    (/v1/ner's and predict.py --output_path's shape)."""
+    return [
+        {"text": name, "type": kind, "spans": [[m.start(), m.start() + len(name)] for m in
+                                               re.finditer(f"(?={re.escape(name)})", text)]}
+        for name, kind in ordered_pairs(answer)
+    ]  # fmt: skip
 
 
 def error_report(golds: list[str], preds: list[str], top: int = 10) -> dict[str, dict[str, list]]:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
 import sys
 import time
 import uuid
@@ -29,9 +28,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from dataset import ALPACA, NO_ENTITY, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
+from dataset import ALPACA, PROMPT_TEMPLATE, PromptFormat, build_prompt, without_added_bos
 from llama_ner.generation.inference import ner_prompt
-from llama_ner.generation.metrics import parse_line
+from llama_ner.generation.metrics import answer_entities
 from llama_ner.generation.vllm_client import EngineError, EngineRefused
 from llama_ner.serving.batching import Job
 
@@ -163,20 +162,6 @@ def chat_prompt(messages: list[ChatMessage], fmt: PromptFormat = ALPACA, tokeniz
     )
     last = build_prompt(messages[-1].content)[len(head) :]
     return ("\n".join(system) + "\n\n" if system else head) + history + last
-
-
-def entities(text: str, answer: str) -> list[dict[str, Any]]:
-    """The answer's distinct `实体_类型` lines in order, each with every [start, end) where it occurs in text."""
-    found: dict[tuple[str, str], None] = {}
-    for line in answer.splitlines():
-        pair = parse_line(line) if line.strip() != NO_ENTITY else None
-        if pair is not None:
-            found.setdefault(pair)
-    result = []
-    for name, kind in found:
-        spans = [[m.start(), m.start() + len(name)] for m in re.finditer(f"(?={re.escape(name)})", text)]
-        result.append({"text": name, "type": kind, "spans": spans})
-    return result
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -322,7 +307,8 @@ def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
         settings["fmt"] = args.fmt
         answers = await engine.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
-            {"text": t, "answer": a, "entities": entities(t, a)} for t, a in zip(request.texts, answers, strict=True)
+            {"text": t, "answer": a, "entities": answer_entities(t, a)}
+            for t, a in zip(request.texts, answers, strict=True)
         ]
         return {"model": args.model_name, "results": results}
 
