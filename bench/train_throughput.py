@@ -56,6 +56,7 @@ def time_run(
     """
     from transformers import Trainer, TrainingArguments
 
+    from llama_ner.training.time_budget import TimeBudget
     from train_trainer import LoraTrainer
 
     argv = [f"model_dir={model_dir}", "lora_dropout=0.1", f"gradient_checkpointing={gradient_checkpointing}"]
@@ -75,8 +76,12 @@ def time_run(
         disable_tqdm=True,
         seed=42,
     )
-    trainer_class = Trainer if recipe == "seed" else LoraTrainer
-    trainer = trainer_class(model=model, args=training_args, train_dataset=rows, data_collator=collate)
+    if recipe == "seed":
+        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collate)
+    else:
+        args.bf16_autocast = False  # fp32 as the seed: the recipes differ in batches and loss only
+        trainer = LoraTrainer(model=model, args=training_args, train_dataset=rows, data_collator=collate,
+                              run_args=args, budget=TimeBudget(0))  # fmt: skip
     tokens = sum(int(collate(rows[i : i + 12])["attention_mask"].sum()) for i in range(0, len(rows), 12))
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
