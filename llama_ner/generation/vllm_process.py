@@ -146,8 +146,8 @@ class VllmServer:
         self.port = launch.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_name = ADAPTER_NAME if launch.adapter else launch.base_model
+        cmd = vllm_command(launch, self.port)  # a missing vLLM python is named first: no model check helps it
         check_vllm_can_run(launch.base_model)
-        cmd = vllm_command(launch, self.port)
         self.log_path = Path(launch.log_path or Path(tempfile.gettempdir()) / f"vllm-{os.getpid()}-{self.port}.log")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is more than tests need
