@@ -146,11 +146,16 @@ def test_test_py_and_predict_py_constrain_by_default(memorized, tmp_path):
 
 
 def test_test_py_takes_the_entity_types_from_the_training_data(memorized, tmp_path):
-    """Another dataset's types (药物/症状, from train_path's answers) are the only ones the answers use."""
+    """An adapter trained before train_args.json recorded its types: another dataset's types (药物/症状,
+    from train_path's answers) are the only ones the answers use."""
     train = tmp_path / "train.txt"
     rows = [{"instruct": "x", "query": "文本：头痛", "answer": "阿司匹林_药物\n头痛_症状"}]
     train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    args = [f"--train_args_path={memorized['train_args']}", "--adapter_path=none", "--max_new_tokens=24"]
+    train_args = json.loads(memorized["train_args"].read_text(encoding="utf-8"))
+    del train_args["trained_entity_types"]
+    old_args = tmp_path / "train_args.json"
+    old_args.write_text(json.dumps(train_args, ensure_ascii=False), encoding="utf-8")
+    args = [f"--train_args_path={old_args}", "--adapter_path=none", "--max_new_tokens=24"]
     args += [f"--train_path={train}", f"--dev_path={memorized['unseen']}", "--max_rows=6", f"--output_dir={tmp_path}"]
     metrics = import_script("test").main(args)
     saved = json.loads((tmp_path / "test_metrics.json").read_text(encoding="utf-8"))
