@@ -25,6 +25,7 @@ from dataset import DataError, build_prompt
 from llama_ner.generation.inference import (
     EVAL_DEFAULTS,
     adapter_entity_types,
+    adapter_window_chars,
     add_model_args,
     args_prompt_format,
     load_from_args,
@@ -156,6 +157,7 @@ def respond(model: Any, tokenizer: Any, inputs: list[str], args: argparse.Namesp
             settings["max_new_tokens"],
             types=types,
             fmt=args.fmt,
+            window_chars=args.window_chars,
             **kw,
             **gen,
         )
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
     args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
+    args.window_chars = adapter_window_chars(args)  # --ner: longer texts than the trained ones go in windows
     if args.ner and args.constrained:
         args.types = adapter_entity_types(args)
     if args.interactive:

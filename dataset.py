@@ -131,6 +131,12 @@ def answer_types(rows: list[dict[str, Any]], column: str = "answer") -> str:
     )
 
 
+def longest_text(rows: list[dict[str, Any]], column: str = "query") -> int:
+    """The characters of the longest `文本：` text of the rows (train_args.json's trained_text_chars: longer
+    texts are answered in windows of this length)."""
+    return max((len(str(row.get(column) or "").removeprefix(QUERY_PREFIX)) for row in rows), default=0)
+
+
 def load_data(
     path: str | Path, columns: tuple[str, ...] = (), answer_column: str = "", optional: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:

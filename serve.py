@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from llama_ner.generation.inference import (
     EVAL_DEFAULTS,
     adapter_entity_types,
+    adapter_window_chars,
     add_model_args,
     args_prompt_format,
     load_from_args,
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_ner.serving.http_api import create_app
 
     args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
+    args.window_chars = adapter_window_chars(args)  # /v1/ner answers longer texts in windows of this length
     check_token_budget(args)
     sock = bind(args.host, args.port)
     engine, tokenizer = hf_engine(args) if args.engine == "hf" else vllm_engine(args)

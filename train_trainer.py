@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from config_utils import Config, ConfigError, answer_help_first
-from dataset import answer_types, shared_instruction
+from dataset import answer_types, longest_text, shared_instruction
 from llama_ner.io_utils import run_cli
 from llama_ner.training.train_config import TRAIN_DEFAULTS, parse_train_args
 
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     train_rows, dev_rows = check_inputs(args)  # user errors surface before any model loads
     args.ner_instruction = shared_instruction(train_rows, args.instruct_column)  # plain sentences get it
     args.trained_entity_types = answer_types(train_rows, args.response_column)  # constrained answers use them
+    args.trained_text_chars = longest_text(train_rows, args.query_column)  # longer texts are answered in windows
     precision = resolve_precision(read_deepspeed_json(args.deepspeed_json_path))
     args.precision = precision  # train_args.json records the precision used
     args.bf16_autocast = resolve_autocast(args.bf16_autocast, precision)

@@ -7,8 +7,11 @@ the official test set (data/msra/instruct_data/dev.txt), which nothing here trai
 
 Every step is the command a user types (printed), run as a child process and timed: process.py with
 --instruction (short by default) over the train set and the test set, train_trainer.py (train_minutes,
-eval_f1_rows on the validation split), then test.py zero-shot (--adapter_path=none), tuned, and tuned with
---constrained=false. --eval_rows 0 skips the scoring, --seed_rows 0 the recipe timing. The learning
+eval_f1_rows on the validation split), then test.py zero-shot (--adapter_path=none), tuned, tuned with
+--constrained=false, and tuned with the limits of 2026-12-06's headline (96 new tokens, no windows: the
+test set's longest rows were cut), texts longer than the longest training text answered in windows
+(--evals picks). --eval_rows 0 skips the scoring, --seed_rows 0 the recipe timing, --skip_train scores
+the run already in --out again. The learning
 curve (validation F1 and training loss against training minutes) goes to <out>/learning_curve.png.
 Then the seed's recipe (plain Trainer + peft: batches padded to max_seq_length, the model's own loss over
 every position) and ours, with the seed's settings (r 8, batch 12, max_seq_length
@@ -31,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dataset import load_data, longest_text  # noqa: E402
 from llama_ner.io_utils import run_measured  # noqa: E402
 
 MODEL = ROOT / "model_hub" / "smollm2-135m-instruct"
@@ -59,7 +63,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_seq_length", type=int, default=384)
     parser.add_argument("--eval_rows", type=int, default=500, help="first rows of dev.txt that test.py scores; 0: none")
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="test.py's generation limit (its default)")
+    parser.add_argument("--val_max_new_tokens", type=int, default=96, help="the validation's while training")
+    parser.add_argument(
+        "--evals",
+        default="zero,tuned,free,old",
+        help="test.py runs: zero (no adapter), tuned, "
+        "free (constrained=false), old (tuned with 2026-12-06's limits: 96 tokens, no windows)",
+    )
+    parser.add_argument("--skip_train", action="store_true", help="score --out's trained run again, no training")
     parser.add_argument("--seed_rows", type=int, default=96, help="rows both recipes are timed on; 0: no timing")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "real_model"))
     parser.add_argument("--time_recipe", choices=["seed", "ours"], help=argparse.SUPPRESS)  # child mode
@@ -152,8 +164,6 @@ def time_recipe(recipe: str, rows_file: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from train_throughput import time_run
 
-    from dataset import load_data
-
     rows = load_data(rows_file)
     extra = ("prompt_template=chat", *SEED_SETTINGS)
     seconds, cpu, tokens = time_run(recipe, rows, model_dir=MODEL, extra_argv=extra, learning_rate=SEED_LR)
@@ -162,7 +172,7 @@ def time_recipe(recipe: str, rows_file: Path) -> None:
 
 def training_tokens(rows_file: Path, max_seq_length: int, template: str) -> tuple[int, int, int]:
     """(tokens, answer tokens, rows) of the file: prompt + answer + EOS per row, cut as training cuts."""
-    from dataset import encode_example, load_data, prompt_format
+    from dataset import encode_example, prompt_format
     from llama_ner.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
@@ -207,17 +217,30 @@ def main() -> None:
                  f"train_batch_size={cli.batch}", f"max_seq_length={cli.max_seq_length}",
                  f"train_minutes={cli.train_minutes}", f"eval_f1_path={validation_file}",
                  f"eval_f1_rows={cli.val_rows}",
-                 f"eval_f1_max_new_tokens={cli.max_new_tokens}", "eval_batch_size=16",
+                 f"eval_f1_max_new_tokens={cli.val_max_new_tokens}", "eval_batch_size=16",
                  "log_steps=25", f"save_steps={cli.save_steps}"]  # fmt: skip
-    train_seconds, train_peak, train_log = run("train", train_cmd, out / "train.log")
+    if cli.skip_train:
+        train_seconds, train_peak = json.loads((out / "train_measured.json").read_text(encoding="utf-8"))
+        train_log = (out / "train.log").read_text(encoding="utf-8", errors="replace")
+    else:
+        train_seconds, train_peak, train_log = run("train", train_cmd, out / "train.log")
+        (out / "train_measured.json").write_text(json.dumps([train_seconds, train_peak]))
     train_args = save_dir / "adapter_model" / "train_args.json"
+    # windows as long as the longest training text (what training now records as trained_text_chars)
+    window = longest_text(load_data(train_file))
     test = [py, "test.py", f"--train_args_path={train_args}", f"--dev_path={processed['test']}",
-            f"--max_rows={cli.eval_rows}", f"--max_new_tokens={cli.max_new_tokens}"]  # fmt: skip
-    evals = {
-        "zero-shot (constrained)": [*test, "--adapter_path=none", f"--output_dir={out / 'zero_shot'}"],
-        "tuned (constrained)": [*test, f"--output_dir={out / 'tuned'}"],
-        "tuned, constrained=false": [*test, "--constrained=false", f"--output_dir={out / 'tuned_free'}"],
+            f"--max_rows={cli.eval_rows}", f"--window_chars={window}"]  # fmt: skip
+    limit = [f"--max_new_tokens={cli.max_new_tokens}"]
+    runs = {
+        "zero": ("zero-shot (constrained)", [*test, *limit, "--adapter_path=none"], "zero_shot"),
+        "tuned": ("tuned (constrained)", [*test, *limit], "tuned"),
+        "free": ("tuned, constrained=false", [*test, *limit, "--constrained=false"], "tuned_free"),
+        "old": ("tuned, 96 tokens, no windows", [*test[:-1], "--window_chars=0", "--max_new_tokens=96"], "tuned_old"),
     }
+    evals = {}
+    for key in cli.evals.split(","):
+        name, cmd, folder = runs[key]
+        evals[name] = [*cmd, f"--output_dir={out / folder}"]
     results = {}
     for name, cmd in evals.items() if cli.eval_rows else ():
         seconds, peak, _ = run(f"test.py: {name}", cmd, out / f"{Path(cmd[-1].split('=')[1]).name}.log")

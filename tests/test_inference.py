@@ -166,6 +166,27 @@ def test_test_py_takes_the_entity_types_from_the_training_data(memorized, tmp_pa
     assert any(r["prediction"] != "没有" for r in records)  # typed lines were generated, not only 没有
 
 
+def test_test_py_answers_texts_longer_than_the_trained_ones_in_windows(memorized, tmp_path, capsys):
+    """Three memorized sentences in one row, longer than any the adapter was trained on (auto: train_args.json's
+    trained_text_chars): each window is one sentence, and the merged answer is exactly the union of theirs."""
+    seen = memorized["seen_rows"]
+    parts = [seen[4], seen[9], seen[5]]  # 74, 66 and 32 characters, each ending in 。
+    text = "".join(r["query"].removeprefix("文本：") for r in parts)
+    answer = "\n".join(line for r in parts for line in r["answer"].split("\n"))
+    dev = tmp_path / "long.txt"
+    dev.write_text(json.dumps({**parts[0], "query": "文本：" + text, "answer": answer}, ensure_ascii=False) + "\n")
+    train_args = json.loads(memorized["train_args"].read_text(encoding="utf-8"))
+    train_args["trained_text_chars"] = 74  # as training records its longest text
+    args_file = tmp_path / "train_args.json"
+    args_file.write_text(json.dumps(train_args, ensure_ascii=False), encoding="utf-8")
+    argv = [f"--train_args_path={args_file}", f"--dev_path={dev}", f"--output_dir={tmp_path}"]
+    metrics = import_script("test").main(argv)
+    assert "1 texts longer than 74 characters are answered in 3 windows" in capsys.readouterr().out
+    record = json.loads((tmp_path / "test_predictions.jsonl").read_text(encoding="utf-8"))
+    assert record["prediction"].split("\n") == list(dict.fromkeys(answer.split("\n")))  # in the text's order
+    assert metrics["f1"] == 1.0 and metrics["span_level"]["f1"] == 1.0
+
+
 def test_chat_ner_constrained(memorized, tmp_path, monkeypatch):
     """chat_ner.py --ner on a random model, sampling: valid answers with no --constrained flag (sampled
     among the allowed tokens), not with --constrained false."""

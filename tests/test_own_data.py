@@ -1,6 +1,6 @@
 """A user's own data end to end: five non-MSRA types annotated in doccano, processed with a type mapping,
 memorized by the tiny model, scored 1.0 by test.py on both scores, with the types travelling in
-train_args.json (the training file deleted before scoring)."""
+train_args.json (the training file deleted before scoring) to test.py and to serve.py's /v1/ner."""
 
 import argparse
 import json
@@ -52,3 +52,17 @@ def test_doccano_data_with_five_types_is_memorized_and_scored(tiny_alpaca, tmp_p
 
     found = adapter_entity_types(argparse.Namespace(entity_types="", lora_model=str(save_dir / "adapter_model")))
     assert found == ("药物", "症状", "医院", "疾病", "产品")
+
+    # serve.py started for real on the same adapter: /v1/ner answers in the user's types, with their spans
+    import httpx
+
+    from serve import ServerProcess
+
+    argv = ["--base_model", str(tiny_alpaca), "--lora_model", str(save_dir / "adapter_model"), "--only_cpu"]
+    with ServerProcess(argv) as server:
+        response = httpx.post(server.url + "/v1/ner", json={"texts": [t for t, _ in SENTENCES]}, timeout=300)
+    assert response.status_code == 200, response.text
+    names = dict(part.split("=") for part in TYPES.split(","))
+    for (text, spans), result in zip(SENTENCES, response.json()["results"], strict=True):
+        found = {(s, e, entity["type"]) for entity in result["entities"] for s, e in entity["spans"]}
+        assert found == {(s, e, names[tag]) for s, e, tag in spans}, (text, result)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,8 @@ EVAL_DEFAULTS = {
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # cpu, cuda, cuda:N; '' or auto = cuda when available, else cpu
     "prefix_cache": True,  # run the prompt start every row shares once, reuse its KV cache (same answers)
+    "window_chars": "auto",  # longer texts are answered in windows of at most this many characters, merged;
+    # auto: the longest text the model was trained on (train_args.json's trained_text_chars), 0: never split
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
     "entity_types": "",  # the types allowed when constrained, e.g. 人名,地名; '' = those in train_path's answers
     "quantization_bit": 0,  # base model in 4 or 8 bits (bitsandbytes); train_args.json's value when it has one
@@ -82,6 +84,7 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
     defaults["train_args_path"] = path
     config = ConfigParser(defaults, description, sources).parse(argv)
     require(config, ("eval_batch_size", "max_new_tokens"), tuple(k for k in ("max_rows",) if hasattr(config, k)))
+    window_limit(config)  # a bad window_chars fails before any model loads
     if config.engine not in ("hf", "vllm"):
         raise ConfigError(f"engine={config.engine!r}: use hf (this process) or vllm (a vLLM server)")
     if config.vllm_constraint not in ("grammar", "check"):
@@ -161,46 +164,51 @@ def ner_answers(
     progress: bool = False,
     types: Sequence[str] | None = None,
     fmt: PromptFormat = ALPACA,
+    window_chars: int = 0,
     **gen_kwargs: Any,
 ) -> list[str]:
     """The `实体_类型` answer for each plain sentence, generated as test.py generates (greedy).
 
     With `types`, answers are constrained (ner_constraint.py) to `没有` or distinct lines whose
-    entity is in the sentence and whose type is one of `types`; None: plain decoding.
+    entity is in the sentence and whose type is one of `types`; None: plain decoding. Texts longer
+    than `window_chars` (0: none) are answered in windows, as test.py does (windows.py).
     """
     from llama_ner.generation.generate import generate_answers
     from llama_ner.generation.ner_constraint import NerConstraint
+    from llama_ner.generation.windows import answer_in_windows
 
-    prompts = [ner_prompt(text, fmt) for text in texts]
-    constraint = NerConstraint(tokenizer, texts, types) if types else None
-    return generate_answers(
-        model,
-        tokenizer,
-        prompts,
-        batch_size,
-        max_new_tokens,
-        progress=progress,
-        constraint=constraint,
-        prompt_format=fmt,
-        **gen_kwargs,
-    )
+    def answer(pieces: list[tuple[int, str]]) -> list[str]:
+        piece_texts = [piece for _, piece in pieces]
+        constraint = NerConstraint(tokenizer, piece_texts, types) if types else None
+        prompts = [ner_prompt(text, fmt) for text in piece_texts]
+        return generate_answers(
+            model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress, constraint=constraint,
+            prompt_format=fmt, **gen_kwargs,
+        )  # fmt: skip
+
+    return answer_in_windows(texts, window_chars, answer)
 
 
 def answer_rows(
     model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], config: Config, progress: bool = True
 ) -> tuple[list[str], NerConstraint | None]:
     """test.py's and predict.py's answers for data rows: the training prompt, the constraint (unless
-    constrained=false), batched greedy generation. Returns (answers, the constraint used or None)."""
+    constrained=false), batched greedy generation, long texts in windows. Returns (answers, the
+    constraint used or None)."""
     from llama_ner.generation.generate import generate_answers
 
     fmt = config_prompt_format(config, tokenizer)
-    prompts = [row_prompt(row, config, fmt) for row in rows]
-    constraint = answer_constraint(config, tokenizer, rows)
-    answers = generate_answers(
-        model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
-        constraint=constraint, prompt_format=fmt, prefix_cache=getattr(config, "prefix_cache", True),
-    )  # fmt: skip
-    return answers, constraint
+
+    def answer(pieces: list[dict[str, Any]]) -> tuple[list[str], NerConstraint | None]:
+        prompts = [row_prompt(row, config, fmt) for row in pieces]
+        constraint = answer_constraint(config, tokenizer, pieces)
+        answers = generate_answers(
+            model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
+            constraint=constraint, prompt_format=fmt, prefix_cache=getattr(config, "prefix_cache", True),
+        )  # fmt: skip
+        return answers, constraint
+
+    return in_windows(rows, config, answer)
 
 
 def engine_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
@@ -208,7 +216,39 @@ def engine_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list
     if config.engine == "hf":
         model, tokenizer = load_trained(config)
         return answer_rows(model, tokenizer, rows, config)
-    return vllm_answer_rows(rows, config)
+    return in_windows(rows, config, lambda pieces: vllm_answer_rows(pieces, config))
+
+
+def window_limit(config: Config) -> int:
+    """window_chars as a number of characters (0: texts are never split)."""
+    value = str(getattr(config, "window_chars", "auto")).strip().lower()
+    if value == "auto":
+        return int(getattr(config, "trained_text_chars", 0) or 0)
+    if not value.isdigit():
+        raise ConfigError(f"window_chars={value!r}: use auto (the trained texts' length), 0 (never split) or a number")
+    return int(value)
+
+
+def in_windows(
+    rows: list[dict[str, Any]], config: Config, answer: Callable[[list[dict[str, Any]]], tuple[list[str], Any]]
+) -> tuple[list[str], Any]:
+    """`answer` over the rows with each text longer than window_chars split into windows (windows.py),
+    their answers merged back into one a row. Returns (answers, what `answer` returned beside them)."""
+    from llama_ner.generation.ner_constraint import text_of_query
+    from llama_ner.generation.windows import answer_in_windows
+
+    column, beside = config.query_column, []
+    queries = [row.get(column) or "" for row in rows]
+    texts = [text_of_query(q, row[config.instruct_column]) if q else "" for row, q in zip(rows, queries, strict=True)]
+
+    def answer_pieces(pieces: list[tuple[int, str]]) -> list[str]:
+        prefixes = [query[: len(query) - len(text)] for query, text in zip(queries, texts, strict=True)]
+        piece_rows = [rows[i] if piece == texts[i] else {**rows[i], column: prefixes[i] + piece} for i, piece in pieces]
+        answers, extra = answer(piece_rows)
+        beside.append(extra)
+        return answers
+
+    return answer_in_windows(texts, window_limit(config), answer_pieces), beside[0]
 
 
 def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
@@ -282,6 +322,12 @@ def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
     config = adapter_train_args(args.lora_model)
     column, trained = config.get("response_column", "answer"), config.get("trained_entity_types", "")
     return load_entity_types(args.entity_types, config.get("train_path"), column, trained=trained)
+
+
+def adapter_window_chars(args: argparse.Namespace) -> int:
+    """chat_ner.py's / serve.py's window length: the longest text the LoRA was trained on (its
+    train_args.json's trained_text_chars); longer texts are answered in windows. 0: none recorded."""
+    return int(adapter_train_args(args.lora_model).get("trained_text_chars") or 0)
 
 
 def adapter_train_args(lora_model: str | None) -> dict[str, Any]:

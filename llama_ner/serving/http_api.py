@@ -305,6 +305,7 @@ def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
             check_length(ner_prompt(text, args.fmt), args.max_new_tokens, f"texts[{i}]", fix)
         settings = {"types": args.types} if request.constrained else {}  # inference.ner_answers' constraint
         settings["fmt"] = args.fmt
+        settings["window_chars"] = getattr(args, "window_chars", 0)  # texts longer than the trained ones: windows
         answers = await engine.submit(Job("ner", list(request.texts), args.max_new_tokens, settings))
         results = [
             {"text": t, "answer": a, "entities": answer_entities(t, a)}

@@ -30,6 +30,7 @@ from llama_ner.generation.vllm_client import (
     prompt_ids,
 )
 from llama_ner.generation.vllm_process import VllmServer
+from llama_ner.generation.windows import answer_in_windows
 from llama_ner.serving.batching import DeltaStreamer, Job
 
 
@@ -88,14 +89,18 @@ class VllmEngine:
         finally:
             self.running -= len(job.inputs)
 
+    def ner(self, job: Job, pieces: list[tuple[int, str]]) -> list[str]:
+        """inference.ner_answers' answers from vLLM for the job's texts (or their windows)."""
+        texts, fmt = [piece for _, piece in pieces], job.settings.get("fmt", ALPACA)
+        prompts = [ner_prompt(text, fmt) for text in texts]
+        ids = prompt_ids(self.tokenizer, prompts, self.max_positions, job.max_new_tokens, fmt)
+        types = job.settings.get("types")
+        constraint = NerConstraint(self.tokenizer, texts, types) if types else None
+        return self.client.ner_answers(ids, job.max_new_tokens, constraint)
+
     def run(self, job: Job) -> list[str]:
         if job.kind == "ner":
-            fmt = job.settings.get("fmt", ALPACA)
-            prompts = [ner_prompt(text, fmt) for text in job.inputs]
-            ids = prompt_ids(self.tokenizer, prompts, self.max_positions, job.max_new_tokens, fmt)
-            types = job.settings.get("types")
-            constraint = NerConstraint(self.tokenizer, job.inputs, types) if types else None
-            return self.client.ner_answers(ids, job.max_new_tokens, constraint)
+            return answer_in_windows(job.inputs, job.settings.get("window_chars", 0), lambda p: self.ner(job, p))
         ids = prompt_ids(self.tokenizer, job.inputs, self.max_positions, job.max_new_tokens)
         params = sampling(job.settings)
         if job.on_delta is None:
