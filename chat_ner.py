@@ -22,16 +22,8 @@ from typing import Any
 
 from config_utils import answer_help_first, convert_value
 from dataset import DataError, build_prompt
-from llama_ner.generation.inference import (
-    EVAL_DEFAULTS,
-    adapter_entity_types,
-    adapter_window_chars,
-    add_model_args,
-    args_prompt_format,
-    load_from_args,
-    ner_answers,
-    ner_prompt,
-)
+from llama_ner.generation.inference import EVAL_DEFAULTS, ner_answers, ner_prompt
+from llama_ner.generation.loading import add_model_args, load, spec_from_args
 from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, read_lines, run_cli
 
 CHAT_DECODING = {"temperature": 0.2, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.3, "max_new_tokens": 400}
@@ -222,11 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     print(describe_decoding(settings, args.ner))
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_from_args(args)
-    args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
-    args.window_chars = adapter_window_chars(args)  # --ner: longer texts than the trained ones go in windows
-    if args.ner and args.constrained:
-        args.types = adapter_entity_types(args)
+    spec = spec_from_args(args, with_types=args.ner and args.constrained)
+    model, tokenizer = load(spec)
+    args.fmt = spec.prompt_format(tokenizer)  # the prompt the LoRA was trained with
+    args.window_chars = spec.window_chars  # --ner: longer texts than the trained ones go in windows
+    args.types = spec.entity_types
     if args.interactive:
         interact(model, tokenizer, args, settings)
     else:

@@ -23,6 +23,7 @@ from typing import Any
 from config_utils import print_config
 from dataset import NER_INSTRUCTION, QUERY_PREFIX, DataError, load_data, ner_row
 from llama_ner.generation.inference import engine_answer_rows, resolve_config
+from llama_ner.generation.loading import spec_from_config
 from llama_ner.generation.metrics import answer_entities, score
 from llama_ner.io_utils import atomic_write_text, check_output_file, read_lines, run_cli
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     rows = read_rows(config.predict_path, config)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
-    predictions, _ = engine_answer_rows(rows, config)
+    predictions, _ = engine_answer_rows(rows, config, spec_from_config(config))
     if config.output_path:
         write_tagged(config.output_path, rows, predictions, config)
     else:

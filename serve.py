@@ -31,16 +31,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
-from llama_ner.generation.inference import (
-    EVAL_DEFAULTS,
-    adapter_entity_types,
-    adapter_window_chars,
-    add_model_args,
-    args_prompt_format,
-    load_from_args,
-)
+from llama_ner.generation.inference import EVAL_DEFAULTS
+from llama_ner.generation.loading import ModelSpec, add_model_args, load, spec_from_args
 from llama_ner.io_utils import UserError, read_json_object, run_cli
 
 
@@ -121,9 +114,8 @@ def check_token_budget(args: argparse.Namespace) -> None:
     from llama_ner.generation.generate import prompt_budget
 
     config_file = Path(args.base_model) / "config.json"
-    if config_file.is_file():  # else load_from_args says what is wrong with the folder
-        config = SimpleNamespace(**read_json_object(config_file))
-        prompt_budget(SimpleNamespace(config=config), args.max_new_tokens)
+    if config_file.is_file():  # else loading says what is wrong with the folder
+        prompt_budget(read_json_object(config_file).get("max_position_embeddings"), args.max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from llama_ner.serving.http_api import create_app
 
-    args.types = adapter_entity_types(args)  # of constrained /v1/ner answers; a bad --entity_types stops here
-    args.window_chars = adapter_window_chars(args)  # /v1/ner answers longer texts in windows of this length
+    spec = spec_from_args(args)  # a bad --entity_types stops here
+    args.types = spec.entity_types  # of constrained /v1/ner answers
+    args.window_chars = spec.window_chars  # /v1/ner answers longer texts in windows of this length
     check_token_budget(args)
     sock = bind(args.host, args.port)
-    engine, tokenizer = hf_engine(args) if args.engine == "hf" else vllm_engine(args)
-    args.fmt = args_prompt_format(args, tokenizer)  # the prompt the LoRA was trained with
+    engine, tokenizer = hf_engine(spec, args) if args.engine == "hf" else vllm_engine(spec, args)
+    args.fmt = spec.prompt_format(tokenizer)  # the prompt the LoRA was trained with
     app = create_app(engine, tokenizer, args)
     host, port = sock.getsockname()[:2]
     print(f"serving {args.model_name} on http://{host}:{port} (page: /, API: /v1/...)", flush=True)
@@ -149,36 +142,33 @@ def main(argv: list[str] | None = None) -> None:
         engine.close()  # the app's shutdown did, unless uvicorn failed before it
 
 
-def hf_engine(args: argparse.Namespace) -> tuple[object, object]:
+def hf_engine(spec: ModelSpec, args: argparse.Namespace) -> tuple[object, object]:
     """(Batcher over the model loaded here, tokenizer)."""
     from llama_ner.serving.batching import Batcher
 
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = load(spec)
     return Batcher(model, tokenizer, args.max_batch_size), tokenizer
 
 
-def vllm_engine(args: argparse.Namespace) -> tuple[object, object]:
-    """(VllmEngine on the vLLM at --engine_url, or on one started here for the model flags, tokenizer)."""
-    from llama_ner.generation.inference import base_bits, tokenizer_dir
+def vllm_engine(spec: ModelSpec, args: argparse.Namespace) -> tuple[object, object]:
+    """(VllmEngine on the vLLM at --engine_url, or on one started here for the spec, tokenizer)."""
+    from llama_ner.generation.loading import check_files
     from llama_ner.generation.vllm_client import connect
     from llama_ner.generation.vllm_process import VllmLaunch, vllm_dtype
     from llama_ner.serving.vllm_engine import VllmEngine
     from llama_ner.tokenizer import load_tokenizer
-    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
 
-    if base_bits(args):
+    if spec.bits:
         raise UserError("--engine vllm serves the base unquantized here: drop --load_in_kbits, or use --engine hf")
     if not args.engine_url:
-        check_model_files(args.base_model)
-        if args.lora_model:
-            adapter_weights_file(args.lora_model)
-    tokenizer = load_tokenizer(tokenizer_dir(args))
-    dtype = vllm_dtype(args.dtype, args.only_cpu)
-    launch = VllmLaunch(args.base_model, args.lora_model, tokenizer_dir(args), dtype, args.engine_port,
+        check_files(spec)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    dtype = vllm_dtype(spec.dtype, spec.device == "cpu")
+    launch = VllmLaunch(spec.base, spec.adapter, spec.tokenizer, dtype, args.engine_port,
                         args.vllm_python, shlex.split(args.vllm_args))  # fmt: skip
     key = args.engine_api_key
     grammar = args.vllm_constraint == "grammar"
-    client, server, positions = connect(tokenizer, args.base_model, args.lora_model, args.engine_url,
+    client, server, positions = connect(tokenizer, spec.base, spec.adapter, args.engine_url,
                                         args.engine_model, key, launch, grammar)  # fmt: skip
     print(f"engine: vLLM at {client.url}, model {client.model}, {positions} positions", flush=True)
     return VllmEngine(client, positions, server), tokenizer

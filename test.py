@@ -21,7 +21,8 @@ from typing import Any
 
 from config_utils import ConfigError, print_config
 from dataset import QUERY_PREFIX, load_data
-from llama_ner.generation.inference import adapter_dir, engine_answer_rows, resolve_config
+from llama_ner.generation.inference import engine_answer_rows, resolve_config
+from llama_ner.generation.loading import spec_from_config
 from llama_ner.generation.metrics import error_report, format_table, score, span_score
 from llama_ner.io_utils import atomic_write_text, check_output_file, run_cli
 
@@ -70,15 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
     warn_other_instruction(rows, config)
+    spec = spec_from_config(config)
     start = time.perf_counter()
-    predictions, constraint = engine_answer_rows(rows, config)
+    predictions, constraint = engine_answer_rows(rows, config, spec)
     seconds = time.perf_counter() - start
     golds = [r[config.response_column] for r in rows]
     metrics = score(golds, predictions)
     texts = [(r.get(config.query_column) or "").removeprefix(QUERY_PREFIX) for r in rows]
     metrics["span_level"] = span_score(texts, golds, predictions)
-    adapter = adapter_dir(config)
-    metrics.update(dev_path=str(config.dev_path), model_dir=str(config.model_dir), adapter_path=str(adapter or "none"))
+    metrics.update(dev_path=str(config.dev_path), model_dir=str(spec.base), adapter_path=str(spec.adapter or "none"))
     metrics.update(constrained=constraint is not None, entity_types=list(constraint.types) if constraint else None)
     write_outputs(out_dir, prediction_records(rows, predictions, config), metrics, error_report(golds, predictions))
     print(format_table(metrics))

@@ -125,12 +125,11 @@ def test_inference_cuts_long_inputs_as_training_does(tokenizer, rows, capsys):
 
     short, long = rows[0], dict(rows[1], query=rows[1]["query"] * 50)
     prompts = [build_prompt(r["instruct"], r["query"]) for r in (short, long)]
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=300))  # only its size matters here
-    ids = encode_prompts(model, tokenizer, prompts, max_new_tokens=100)
+    ids = encode_prompts(300, tokenizer, prompts, max_new_tokens=100)
     assert ids[0] == tokenizer.encode(prompts[0]) and len(ids[1]) == 200
     answer_ids = tokenizer.encode(long["answer"], add_special_tokens=False) + [2]
     trained, _ = NerCollate(collate_args(max_seq_length=200 + len(answer_ids)), tokenizer).encode(long)
     assert ids[1] == trained[:200]  # the very prompt training would have seen with that budget
     assert "1 input(s) longer than the model takes were cut to 200 tokens" in capsys.readouterr().err
     with pytest.raises(UserError, match="max_new_tokens=300 leaves no room"):
-        encode_prompts(model, tokenizer, prompts, max_new_tokens=300)
+        encode_prompts(300, tokenizer, prompts, max_new_tokens=300)

@@ -2,7 +2,6 @@
 memorized by the tiny model, scored 1.0 by test.py on both scores, with the types travelling in
 train_args.json (the training file deleted before scoring) to test.py and to serve.py's /v1/ner."""
 
-import argparse
 import json
 
 from conftest import import_script
@@ -48,17 +47,18 @@ def test_doccano_data_with_five_types_is_memorized_and_scored(tiny_alpaca, tmp_p
     assert set(metrics["span_level"]["per_type"]) == {"药物", "症状", "医院", "疾病", "产品"}
     assert metrics["span_level"]["tp"] == 10  # every annotated span, located by its answer
 
-    from llama_ner.generation.inference import adapter_entity_types  # what chat_ner.py and serve.py use
+    from llama_ner.generation.loading import spec_from_args  # the spec chat_ner.py and serve.py build
+    from serve import parse_args
 
-    found = adapter_entity_types(argparse.Namespace(entity_types="", lora_model=str(save_dir / "adapter_model")))
-    assert found == ("药物", "症状", "医院", "疾病", "产品")
+    argv = ["--base_model", str(tiny_alpaca), "--lora_model", str(save_dir / "adapter_model"), "--only_cpu"]
+    spec = spec_from_args(parse_args(argv))
+    assert spec.entity_types == ("药物", "症状", "医院", "疾病", "产品")
 
     # serve.py started for real on the same adapter: /v1/ner answers in the user's types, with their spans
     import httpx
 
     from serve import ServerProcess
 
-    argv = ["--base_model", str(tiny_alpaca), "--lora_model", str(save_dir / "adapter_model"), "--only_cpu"]
     with ServerProcess(argv) as server:
         response = httpx.post(server.url + "/v1/ner", json={"texts": [t for t, _ in SENTENCES]}, timeout=300)
     assert response.status_code == 200, response.text

@@ -168,14 +168,19 @@ def test_the_trained_instruction_is_what_plain_sentences_are_asked_with(tmp_path
     chat/serve's prompts for plain sentences; without it, the seed's instruction as before."""
     import argparse
 
+    from config_utils import Config
     from dataset import SHORT_INSTRUCTION, prompt_format, shared_instruction
-    from llama_ner.generation.inference import args_prompt_format, config_prompt_format, ner_prompt
+    from llama_ner.generation.inference import ner_prompt
+    from llama_ner.generation.loading import add_model_args, spec_from_args, spec_from_config
 
     rows = [{"instruct": SHORT_INSTRUCTION}] * 3 + [{"instruct": "other"}]
     assert shared_instruction(rows) == SHORT_INSTRUCTION
     assert ner_prompt("北京", prompt_format("raw")) == f"{NER_INSTRUCTION}\n文本：北京\n"
-    config = type("C", (), {"prompt_template": "raw", "ner_instruction": SHORT_INSTRUCTION})()
-    assert ner_prompt("北京", config_prompt_format(config, None)) == f"{SHORT_INSTRUCTION}\n文本：北京\n"
+    trained = {"model_dir": "m", "save_dir": "s", "response_column": "answer", "constrained": False}
+    config = Config({**trained, "prompt_template": "raw", "ner_instruction": SHORT_INSTRUCTION})
+    assert ner_prompt("北京", spec_from_config(config).prompt_format(None)) == f"{SHORT_INSTRUCTION}\n文本：北京\n"
     (tmp_path / "train_args.json").write_text(json.dumps({"prompt_template": "raw", "ner_instruction": "标出人名。"}))
-    args = argparse.Namespace(lora_model=str(tmp_path), prompt_template=None)
-    assert ner_prompt("北京", args_prompt_format(args, None)) == "标出人名。\n文本：北京\n"
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    args = parser.parse_args(["--base_model", "m", "--lora_model", str(tmp_path)])
+    assert ner_prompt("北京", spec_from_args(args, with_types=False).prompt_format(None)) == "标出人名。\n文本：北京\n"

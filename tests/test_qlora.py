@@ -180,17 +180,17 @@ PROJECTIONS_4BIT = 2 * 7  # the tiny model's 2 layers x 7 projections; embed_tok
 
 @pytest.fixture
 def loaded_models(monkeypatch) -> list[torch.nn.Module]:
-    """The models test.py / predict.py load (inference.load_trained, spied on)."""
-    import llama_ner.generation.inference as inference
+    """The models test.py / predict.py load (loading.load, spied on)."""
+    import llama_ner.generation.loading as loading
 
-    models, load_trained = [], inference.load_trained
+    models, load = [], loading.load
 
-    def spy(config):
-        model, tokenizer = load_trained(config)
+    def spy(spec):
+        model, tokenizer = load(spec)
         models.append(model)
         return model, tokenizer
 
-    monkeypatch.setattr(inference, "load_trained", spy)  # before import_script: the scripts import it by name
+    monkeypatch.setattr(loading, "load", spy)  # inference.engine_answer_rows looks it up when it loads
     return models
 
 
@@ -217,14 +217,15 @@ def test_predict_py_loads_the_4bit_base_by_default_and_not_with_quantization_bit
 
 @pytest.mark.slow
 def test_chat_ner_loads_the_4bit_base_by_default_and_not_with_load_in_kbits_16(memorized_4bit, monkeypatch, capsys):
-    """chat_ner.py / serve.py (inference.load_from_args) take quantization_bit from the LoRA's train_args.json."""
+    """chat_ner.py / serve.py (loading.spec_from_args) take quantization_bit from the LoRA's train_args.json."""
     import llama_ner.generation.inference as inference
+    from llama_ner.generation.loading import load, spec_from_args
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # load_from_args sets it; restored after the test
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # load sets it from --only_cpu; restored after the test
     chat = import_script("chat_ner")
     adapter = memorized_4bit["save_dir"] / "adapter_model"
     argv = ["--base_model", str(memorized_4bit["base"]), "--lora_model", str(adapter), "--only_cpu", "--ner"]
-    model, tokenizer = inference.load_from_args(chat.parse_args(argv))
+    model, tokenizer = load(spec_from_args(chat.parse_args(argv)))
     assert (
         f"base model: 4-bit (bitsandbytes) (quantization_bit in {adapter / 'train_args.json'}"
         in capsys.readouterr().out
@@ -233,7 +234,7 @@ def test_chat_ner_loads_the_4bit_base_by_default_and_not_with_load_in_kbits_16(m
     rows = memorized_4bit["rows"][:2]
     texts = [r["query"].removeprefix("文本：") for r in rows]
     assert inference.ner_answers(model, tokenizer, texts, max_new_tokens=64) == [r["answer"] for r in rows]
-    model, _ = inference.load_from_args(chat.parse_args([*argv, "--load_in_kbits", "16"]))
+    model, _ = load(spec_from_args(chat.parse_args([*argv, "--load_in_kbits", "16"])))
     assert "base model: not quantized (--load_in_kbits)" in capsys.readouterr().out
     assert count_4bit_layers(model) == 0
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -259,6 +260,8 @@ def test_predict_py_starts_its_own_vllm_and_stops_it(model, hf_reference, tmp_pa
     started = next(line for line in out.splitlines() if line.startswith("starting vLLM on "))
     port = started.split()[3].rsplit(":", 1)[1]
     assert not vllm_processes(f"--port {port}")
+    log = Path(started.split("(log: ", 1)[1].split(")", 1)[0])
+    assert log.name.startswith("vllm-") and not log.exists()  # stopped with nothing wrong: no log left in /tmp
 
 
 # ---- failures ----------------------------------------------------------------------------------
@@ -281,6 +284,8 @@ def test_vllm_that_cannot_load_the_model_is_one_line_and_its_log(model, tmp_path
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: vLLM exited with code") and "before it was ready" in last
     assert "Unsupported activation: gelu" in last  # vLLM's own reason, in the one line
+    log = Path(last.rsplit("(", 1)[1].rstrip(")"))
+    assert log.is_file() and "Unsupported activation: gelu" in log.read_text()  # the log it names is kept
     assert "  vllm| " in result.stderr  # and the end of its log above it
     assert "serving" not in result.stdout
 

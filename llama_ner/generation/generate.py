@@ -42,7 +42,8 @@ def generate_answers(
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens, prompt_format.tail)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    encoded = encode_prompts(positions, tokenizer, prompts, max_new_tokens, prompt_format.tail)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = {"do_sample": False, "num_beams": 1, "use_cache": True, **gen_kwargs}
@@ -115,9 +116,9 @@ def batch_of(prefix: Any, rows: int) -> Any:
     return cache
 
 
-def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
-    """Tokens a prompt may have: the model's positions minus max_new_tokens (None: the model sets no limit)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+def prompt_budget(positions: int | None, max_new_tokens: int) -> int | None:
+    """Tokens a prompt may have: the model's positions (config.json's max_position_embeddings) minus
+    max_new_tokens (None: the model sets no limit)."""
     if positions is None:
         return None
     if max_new_tokens >= positions:
@@ -129,13 +130,13 @@ def prompt_budget(model: torch.nn.Module, max_new_tokens: int) -> int | None:
 
 
 def encode_prompts(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, tail: str = ALPACA.tail
+    positions: int | None, tokenizer: Any, prompts: list[str], max_new_tokens: int, tail: str = ALPACA.tail
 ) -> list[list[int]]:
     """Token ids of each prompt, cut (the query's end, as training cuts) to fit the model with max_new_tokens.
 
     Prints one warning naming the inputs that were cut. Every entry point that generates calls this.
     """
-    budget = prompt_budget(model, max_new_tokens)
+    budget = prompt_budget(positions, max_new_tokens)
     if budget is None:
         return [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     fitted = [fit_prompt(tokenizer, p, budget, tail) for p in prompts]

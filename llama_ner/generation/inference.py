@@ -1,26 +1,25 @@
-"""What the inference scripts share: the trained run's config, the model, the prompts, NER answers.
+"""What the inference scripts share: the trained run's config, the prompts, NER answers.
 
     config = resolve_config(sys.argv[1:], {"predict_path": ""})
-    model, tokenizer = load_trained(config)
-    prompts = [row_prompt(row, config) for row in rows]
+    spec = spec_from_config(config)                     # loading.py: what to load, and load(spec)
+    answers, constraint = engine_answer_rows(rows, config, spec)
     answers = ner_answers(model, tokenizer, ["北京是中国的首都。"], 16, 256, types=("人名", "地名", "机构名"))
 
 test.py and predict.py take the training run's train_args.json (every key can be overridden
 on the command line, e.g. --dev_path=...) plus the evaluation keys below; chat_ner.py and
-serve.py take the model flags of `add_model_args` and load through `load_from_args`.
+serve.py take the model flags of loading.add_model_args.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config_utils import Config, ConfigError, ConfigParser, load_config, require, split_argv
-from dataset import ALPACA, PromptFormat, build_prompt, ner_row, prompt_format
+from dataset import ALPACA, PromptFormat, build_prompt, ner_row
+from llama_ner.generation.loading import ModelSpec, window_limit
 
 if TYPE_CHECKING:
     import torch
@@ -98,52 +97,6 @@ def resolve_config(argv: list[str], extra: dict[str, Any], description: str = ""
     return config
 
 
-def adapter_dir(config: Config) -> Path | None:
-    """The LoRA directory to load, or None for a merged model."""
-    if config.adapter_path.lower() == "none":
-        return None
-    return Path(config.adapter_path or Path(config.save_dir) / "adapter_model")
-
-
-def load_trained(config: Config) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, tokenizer): base model_dir + adapter, embeddings matched to the tokenizer."""
-    from llama_ner.model_loading import load_model
-    from llama_ner.tokenizer import load_tokenizer
-    from llama_ner.weights.model_files import (
-        adapter_weights_file,
-        check_model_files,  # torch and transformers: after the command line is read
-    )
-
-    device = None if config.device in ("", "auto") else config.device
-    check_gpu_visible(device)
-    adapter = adapter_dir(config)
-    check_model_files(config.model_dir)
-    if adapter:
-        adapter_weights_file(adapter)  # a missing or empty LoRA folder fails before the model loads
-    tokenizer = load_tokenizer(config.tokenizer_path or config.model_dir)
-    print(f"loading {config.model_dir}" + (f" + adapter {adapter}" if adapter else " (no adapter)"))
-    model = load_model(config.model_dir, adapter, config.dtype, device, tokenizer, config.quantization_bit)
-    return model, tokenizer
-
-
-def check_gpu_visible(device: str | None) -> None:
-    """A cuda or cuda:N device that this machine does not have fails here, before any model loads."""
-    import torch
-
-    if device and device.startswith("cuda"):
-        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
-        if index >= count:
-            visible = f"GPUs cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
-            raise ConfigError(f"device={device}: this machine has {visible}; pass --device=cpu or a GPU it has")
-
-
-def config_prompt_format(config: Config, tokenizer: Any) -> PromptFormat:
-    """The prompt format the model was trained with (train_args.json's prompt_template, alpaca before it
-    existed; its ner_instruction, the seed's before it existed)."""
-    name, instruction = getattr(config, "prompt_template", "alpaca"), getattr(config, "ner_instruction", "")
-    return prompt_format(name, tokenizer, instruction)
-
-
 def row_prompt(row: dict[str, Any], config: Config, fmt: PromptFormat = ALPACA) -> str:
     """The training prompt of one data row."""
     return build_prompt(row[config.instruct_column], row.get(config.query_column) or "", fmt)
@@ -190,49 +143,51 @@ def ner_answers(
 
 
 def answer_rows(
-    model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], config: Config, progress: bool = True
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    config: Config,
+    spec: ModelSpec,
+    progress: bool = True,
 ) -> tuple[list[str], NerConstraint | None]:
-    """test.py's and predict.py's answers for data rows: the training prompt, the constraint (unless
-    constrained=false), batched greedy generation, long texts in windows. Returns (answers, the
-    constraint used or None)."""
+    """test.py's and predict.py's answers for data rows: the training prompt, the constraint (the spec's
+    entity types; none when constrained=false), batched greedy generation, long texts in windows.
+    Returns (answers, the constraint used or None)."""
     from llama_ner.generation.generate import generate_answers
 
-    fmt = config_prompt_format(config, tokenizer)
+    fmt = spec.prompt_format(tokenizer)
 
     def answer(pieces: list[dict[str, Any]]) -> tuple[list[str], NerConstraint | None]:
         prompts = [row_prompt(row, config, fmt) for row in pieces]
-        constraint = answer_constraint(config, tokenizer, pieces)
+        constraint = answer_constraint(config, spec, tokenizer, pieces)
         answers = generate_answers(
             model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
             constraint=constraint, prompt_format=fmt, prefix_cache=getattr(config, "prefix_cache", True),
         )  # fmt: skip
         return answers, constraint
 
-    return in_windows(rows, config, answer)
+    return in_windows(rows, config, spec.window_chars, answer)
 
 
-def engine_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
+def engine_answer_rows(
+    rows: list[dict[str, Any]], config: Config, spec: ModelSpec
+) -> tuple[list[str], NerConstraint | None]:
     """answer_rows on the configured engine: the model loaded here (hf), or a vLLM server (the same answers)."""
+    from llama_ner.generation import loading
+
     if config.engine == "hf":
-        model, tokenizer = load_trained(config)
-        return answer_rows(model, tokenizer, rows, config)
-    return in_windows(rows, config, lambda pieces: vllm_answer_rows(pieces, config))
-
-
-def window_limit(config: Config) -> int:
-    """window_chars as a number of characters (0: texts are never split)."""
-    value = str(getattr(config, "window_chars", "auto")).strip().lower()
-    if value == "auto":
-        return int(getattr(config, "trained_text_chars", 0) or 0)
-    if not value.isdigit():
-        raise ConfigError(f"window_chars={value!r}: use auto (the trained texts' length), 0 (never split) or a number")
-    return int(value)
+        model, tokenizer = loading.load(spec)
+        return answer_rows(model, tokenizer, rows, config, spec)
+    return in_windows(rows, config, spec.window_chars, lambda pieces: vllm_answer_rows(pieces, config, spec))
 
 
 def in_windows(
-    rows: list[dict[str, Any]], config: Config, answer: Callable[[list[dict[str, Any]]], tuple[list[str], Any]]
+    rows: list[dict[str, Any]],
+    config: Config,
+    limit: int,
+    answer: Callable[[list[dict[str, Any]]], tuple[list[str], Any]],
 ) -> tuple[list[str], Any]:
-    """`answer` over the rows with each text longer than window_chars split into windows (windows.py),
+    """`answer` over the rows with each text longer than `limit` characters split into windows (windows.py),
     their answers merged back into one a row. Returns (answers, what `answer` returned beside them)."""
     from llama_ner.generation.ner_constraint import text_of_query
     from llama_ner.generation.windows import answer_in_windows
@@ -248,41 +203,38 @@ def in_windows(
         beside.append(extra)
         return answers
 
-    return answer_in_windows(texts, window_limit(config), answer_pieces), beside[0]
+    return answer_in_windows(texts, limit, answer_pieces), beside[0]
 
 
-def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[str], NerConstraint | None]:
+def vllm_answer_rows(
+    rows: list[dict[str, Any]], config: Config, spec: ModelSpec
+) -> tuple[list[str], NerConstraint | None]:
     """answer_rows on vLLM: the same prompts as token ids, the same constraint, checked token by token."""
     import shlex
 
     from tqdm import tqdm
 
+    from llama_ner.generation.loading import check_files
     from llama_ner.generation.vllm_client import EngineError, EngineRefused, connect, prompt_ids
     from llama_ner.generation.vllm_process import VllmLaunch, vllm_dtype
     from llama_ner.tokenizer import load_tokenizer
-    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
 
-    if config.quantization_bit:
+    if spec.bits:
         raise ConfigError("engine=vllm runs the base unquantized here: pass --quantization_bit=0, or engine=hf")
-    adapter = adapter_dir(config)
     if not config.engine_url:
-        check_model_files(config.model_dir)
-        if adapter:
-            adapter_weights_file(adapter)
-    tokenizer_path = config.tokenizer_path or config.model_dir
-    tokenizer = load_tokenizer(tokenizer_path)
-    dtype = vllm_dtype(config.dtype, config.device == "cpu")
-    adapter_name = str(adapter) if adapter else None
-    launch = VllmLaunch(config.model_dir, adapter_name, tokenizer_path, dtype, 0, config.vllm_python,
+        check_files(spec)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    dtype = vllm_dtype(spec.dtype, spec.device == "cpu")
+    launch = VllmLaunch(spec.base, spec.adapter, spec.tokenizer, dtype, 0, config.vllm_python,
                         shlex.split(config.vllm_args))  # fmt: skip
     grammar = config.vllm_constraint == "grammar"
-    client, server, positions = connect(tokenizer, config.model_dir, adapter_name, config.engine_url,
+    client, server, positions = connect(tokenizer, spec.base, spec.adapter, config.engine_url,
                                         config.engine_model, None, launch, grammar)  # fmt: skip
     try:
-        fmt = config_prompt_format(config, tokenizer)
+        fmt = spec.prompt_format(tokenizer)
         prompts = [row_prompt(row, config, fmt) for row in rows]
         ids = prompt_ids(tokenizer, prompts, positions, config.max_new_tokens, fmt)
-        constraint = answer_constraint(config, tokenizer, rows)
+        constraint = answer_constraint(config, spec, tokenizer, rows)
         with tqdm(total=len(rows), desc=f"generate ({client.url})", unit="row") as progress:
             try:
                 answers = client.ner_answers(ids, config.max_new_tokens, constraint, progress)
@@ -301,110 +253,13 @@ def vllm_answer_rows(rows: list[dict[str, Any]], config: Config) -> tuple[list[s
     return answers, constraint
 
 
-def answer_constraint(config: Config, tokenizer: Any, rows: list[dict[str, Any]]) -> NerConstraint | None:
-    """test.py's and predict.py's constraint for these data rows (None when constrained=false)."""
-    from llama_ner.generation.ner_constraint import NerConstraint, load_entity_types, text_of_query
+def answer_constraint(
+    config: Config, spec: ModelSpec, tokenizer: Any, rows: list[dict[str, Any]]
+) -> NerConstraint | None:
+    """The constraint for these data rows: the spec's entity types over the rows' texts (None: unconstrained)."""
+    from llama_ner.generation.ner_constraint import NerConstraint, text_of_query
 
-    if not config.constrained:
+    if spec.entity_types is None:
         return None
-    trained = getattr(config, "trained_entity_types", "")
-    types = load_entity_types(config.entity_types, getattr(config, "train_path", ""), config.response_column,
-                              trained=trained)  # fmt: skip
     texts = [text_of_query(row.get(config.query_column) or "", row[config.instruct_column]) for row in rows]
-    return NerConstraint(tokenizer, texts, types)
-
-
-def adapter_entity_types(args: argparse.Namespace) -> tuple[str, ...]:
-    """The entity types for chat_ner.py / serve.py: --entity_types, else those the LoRA was trained on
-    (its train_args.json's trained_entity_types, else its train_path's answers), else MSRA's."""
-    from llama_ner.generation.ner_constraint import load_entity_types
-
-    config = adapter_train_args(args.lora_model)
-    column, trained = config.get("response_column", "answer"), config.get("trained_entity_types", "")
-    return load_entity_types(args.entity_types, config.get("train_path"), column, trained=trained)
-
-
-def adapter_window_chars(args: argparse.Namespace) -> int:
-    """chat_ner.py's / serve.py's window length: the longest text the LoRA was trained on (its
-    train_args.json's trained_text_chars); longer texts are answered in windows. 0: none recorded."""
-    return int(adapter_train_args(args.lora_model).get("trained_text_chars") or 0)
-
-
-def adapter_train_args(lora_model: str | None) -> dict[str, Any]:
-    """The train_args.json that training saves inside the adapter folder, or {} (no LoRA, or none saved)."""
-    trained = Path(lora_model or "") / "train_args.json"
-    return load_config(trained) if lora_model and trained.is_file() else {}
-
-
-def base_bits(args: argparse.Namespace) -> int:
-    """The base's bit width (0 = unquantized), printed: --load_in_kbits, else the quantization_bit the
-    LoRA was trained with (its train_args.json), so a QLoRA adapter runs on the base it learned on."""
-    recorded = adapter_train_args(args.lora_model).get("quantization_bit")
-    if args.load_in_kbits is not None:
-        bits, source = (0 if args.load_in_kbits == 16 else args.load_in_kbits), "--load_in_kbits"
-    elif recorded is not None:
-        bits = recorded
-        source = f"quantization_bit in {Path(args.lora_model) / 'train_args.json'}; --load_in_kbits overrides it"
-    else:
-        bits, source = 0, "default"
-    print(f"base model: {f'{bits}-bit (bitsandbytes)' if bits else 'not quantized'} ({source})")
-    return bits
-
-
-def none_or_path(value: str) -> str | None:
-    """--lora_model none (any case, or empty) means no adapter, as --help says."""
-    return None if value.strip().lower() in ("", "none") else value
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The model flags of chat_ner.py and serve.py."""
-    parser.add_argument("--base_model", required=True, help="Hugging Face model directory (merged Chinese-Alpaca)")
-    parser.add_argument("--lora_model", default=None, type=none_or_path,
-                        help="LoRA adapter directory; none = the base model alone")  # fmt: skip
-    parser.add_argument("--tokenizer_path", default=None, help="default: lora_model if it has one, else base_model")
-    parser.add_argument("--gpus", default="0", help="CUDA_VISIBLE_DEVICES")
-    parser.add_argument("--only_cpu", action="store_true", help="run on the CPU even when a GPU exists")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
-    parser.add_argument(
-        "--load_in_kbits", type=int, choices=[4, 8, 16], default=None,
-        help="base in 4 or 8 bits (bitsandbytes), 16: not quantized; default: the LoRA's train_args.json "
-        "quantization_bit (as it was trained), else 16",
-    )  # fmt: skip
-    parser.add_argument("--prompt_template", default=None, choices=["alpaca", "chat", "raw"],
-                        help="default: the LoRA's train_args.json prompt_template, else alpaca")  # fmt: skip
-    parser.add_argument("--entity_types", default="", help="types of constrained NER answers, e.g. 人名,地名; "
-                        "default: those in the LoRA's training data (its train_args.json), else MSRA's")  # fmt: skip
-
-
-def args_prompt_format(args: argparse.Namespace, tokenizer: Any) -> PromptFormat:
-    """chat_ner.py's / serve.py's prompt format: --prompt_template, else the LoRA's train_args.json's, else alpaca."""
-    trained = adapter_train_args(args.lora_model)
-    name = args.prompt_template or trained.get("prompt_template", "alpaca")
-    return prompt_format(name, tokenizer, trained.get("ner_instruction", ""))
-
-
-def tokenizer_dir(args: argparse.Namespace) -> str:
-    """--tokenizer_path, else the adapter's own tokenizer when it ships one, else the base model's."""
-    if args.tokenizer_path:
-        return args.tokenizer_path
-    if args.lora_model and any((Path(args.lora_model) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
-        return args.lora_model
-    return args.base_model
-
-
-def load_from_args(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, tokenizer) from the `add_model_args` flags; embeddings grow to a larger tokenizer."""
-    from llama_ner.model_loading import load_model
-    from llama_ner.tokenizer import load_tokenizer
-    from llama_ner.weights.model_files import adapter_weights_file, check_model_files
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.only_cpu else args.gpus  # torch reads it at its first CUDA call
-    check_model_files(args.base_model)
-    if args.lora_model:
-        adapter_weights_file(args.lora_model)  # a missing or empty LoRA folder fails before the model loads
-    tokenizer = load_tokenizer(tokenizer_dir(args))
-    print(f"Vocab of the tokenizer: {len(tokenizer)}")
-    bits = base_bits(args)
-    model = load_model(args.base_model, args.lora_model, args.dtype, "cpu" if args.only_cpu else None, tokenizer, bits)
-    print(f"Vocab of the model: {model.get_input_embeddings().weight.shape[0]}")
-    return model, tokenizer
+    return NerConstraint(tokenizer, texts, spec.entity_types)

@@ -12,6 +12,7 @@ import torch
 
 from config_utils import Config
 from llama_ner.generation.inference import answer_rows
+from llama_ner.generation.loading import spec_from_config
 from llama_ner.generation.metrics import score
 
 
@@ -19,13 +20,14 @@ def validation_f1(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, A
     """Score `rows` with the training model (put back in training mode after), constrained as test.py is."""
     config = Config({**args.to_dict(), "constrained": True, "entity_types": "",
                      "max_new_tokens": args.eval_f1_max_new_tokens})  # fmt: skip
+    spec = spec_from_config(config)  # the prompt, types and windows test.py would use for this run
     was_training = model.training
     use_cache = model.config.use_cache
     model.eval()
     model.config.use_cache = True
     try:
         with torch.no_grad():
-            answers, _ = answer_rows(model, tokenizer, rows, config, progress=False)
+            answers, _ = answer_rows(model, tokenizer, rows, config, spec, progress=False)
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)

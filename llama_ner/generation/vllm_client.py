@@ -190,12 +190,9 @@ def prompt_ids(
     tokenizer: Any, prompts: list[str], positions: int | None, max_new_tokens: int, fmt: PromptFormat = ALPACA
 ) -> list[list[int]]:
     """The token ids the transformers engine generates from (BOS, cut to fit `positions` with max_new_tokens)."""
-    from types import SimpleNamespace
-
     from llama_ner.generation.generate import encode_prompts
 
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
-    return encode_prompts(model, tokenizer, prompts, max_new_tokens, fmt.tail)
+    return encode_prompts(positions, tokenizer, prompts, max_new_tokens, fmt.tail)
 
 
 def connect(

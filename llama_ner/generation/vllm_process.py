@@ -55,7 +55,7 @@ class VllmLaunch:
     port: int = 0  # 0: a free port on 127.0.0.1
     python: str = ""  # '' = vllm_python()'s choice
     extra_args: list[str] = field(default_factory=list)  # e.g. ["--tensor-parallel-size", "2"]
-    log_path: str = ""  # '' = a file in the temporary folder
+    log_path: str = ""  # '' = a file in the temporary folder, removed when vLLM is stopped with nothing wrong
 
 
 def vllm_python(explicit: str = "") -> str:
@@ -149,6 +149,7 @@ class VllmServer:
         cmd = vllm_command(launch, self.port)  # a missing vLLM python is named first: no model check helps it
         check_vllm_can_run(launch.base_model)
         self.log_path = Path(launch.log_path or Path(tempfile.gettempdir()) / f"vllm-{os.getpid()}-{self.port}.log")
+        self.keep_log = bool(launch.log_path)  # a failure, or vLLM ending by itself, keeps it too
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is more than tests need
         print(f"starting vLLM on {self.url} (log: {self.log_path}): {shlex.join(cmd)}", flush=True)
@@ -185,6 +186,7 @@ class VllmServer:
 
     def fail(self, what: str) -> None:
         """Stop what is left, print the log's last lines, raise one line with vLLM's first error and the fix."""
+        self.keep_log = True
         self.stop()
         cause = first_error(self.log_tail(2000))
         print(f"last lines of vLLM's log ({self.log_path}):", file=sys.stderr)
@@ -192,11 +194,12 @@ class VllmServer:
             print(f"  vllm| {line}", file=sys.stderr)
         fix = next((fix for pattern, fix in FAILURES if cause and re.search(pattern, cause)), "")
         if fix:
-            raise UserError(f"{what}: {fix.format(port=self.port)} (vLLM: {cause})")
+            raise UserError(f"{what}: {fix.format(port=self.port)} (vLLM: {cause}; its log: {self.log_path})")
         raise UserError(f"{what}: {cause or 'see its log'} ({self.log_path})")
 
     def request_failed(self, err: Exception) -> UserError:
         """A request vLLM answered 5xx: one line with the first error in its log and the fix."""
+        self.keep_log = True
         cause = first_error(self.log_tail(2000))
         return UserError(f"{err} ({self.log_path}: {cause or 'no error line'}); use --engine=hf, which runs any model")
 
@@ -204,7 +207,10 @@ class VllmServer:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 30) -> None:
-        """SIGTERM to vLLM's process group (its server and engine processes), SIGKILL for what is left after grace."""
+        """SIGTERM to vLLM's process group (its server and engine processes), SIGKILL for what is left after grace.
+        The log goes too when vLLM was still serving and nothing failed (it says nothing then)."""
+        if self.proc.poll() is not None:
+            self.keep_log = True  # vLLM ended by itself: its log says why
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -216,6 +222,8 @@ class VllmServer:
         if group_alive(self.proc.pid):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        if not self.keep_log:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> VllmServer:
         return self

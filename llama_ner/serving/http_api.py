@@ -210,7 +210,7 @@ class Limits:
 def create_app(engine: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     """The ASGI app generating with `engine` (batching.Batcher or vllm_engine.VllmEngine).
 
-    `args.types` are the entity types of constrained /v1/ner answers (inference.adapter_entity_types).
+    `args.types` are the entity types of constrained /v1/ner answers (loading.spec_from_args).
     """
 
     @contextlib.asynccontextmanager
