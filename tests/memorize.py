@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from config_utils import Config, save_config
-from dataset import NerCollate, answer_types, load_data
+from dataset import NerCollate, answer_types, load_data, shared_instruction
 from demo import MEMORIZE_OVERRIDES
 from llama_ner.training.model import causal_lm_loss
 from llama_ner.training.train_config import TRAIN_DEFAULTS
@@ -55,6 +55,7 @@ def train_memorized_lora(
 
     args = train_args(Path(base_dir), Path(save_dir), Path(dev_path), len(rows), epochs)
     args["quantization_bit"] = quantization_bit
+    args["ner_instruction"] = shared_instruction(rows)  # as the training scripts record it
     args["prompt_template"] = prompt_template
     args["max_seq_length"] = 512 if prompt_template == "chat" else args["max_seq_length"]  # the system prompt too
     torch.manual_seed(seed)
