@@ -20,10 +20,9 @@ import torch.nn.functional as F
 
 from config_utils import Config, ConfigError
 from dataset import IGNORE_INDEX, NerCollate
-from llama_ner.model_loading import check_adapter_fits, keep_off_cpu_packing, match_vocab, pretrained_kwargs
+from llama_ner.model_loading import check_adapter_fits, keep_off_cpu_packing, load_base, match_vocab
 from llama_ner.tokenizer import load_tokenizer
 from llama_ner.training.processes import is_main_process, train_device
-from llama_ner.weights.model_files import check_model_dir
 
 
 def load_train_tokenizer(args: Config):
@@ -51,12 +50,10 @@ def lora_config(args: Config):
 def build_model(args: Config, tokenizer: Any, precision: str) -> torch.nn.Module:
     """The base model in the training dtype with a new LoRA (or peft_path's, trainable)."""
     from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     torch.manual_seed(args.seed)
-    kwargs = pretrained_kwargs(args.quantization_bit, dtype, train_device())
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(args.model_dir), **kwargs)
+    model = load_base(args.model_dir, args.quantization_bit, dtype, train_device())
     match_vocab(model, tokenizer)
     model.config.use_cache = False
     if args.quantization_bit:
