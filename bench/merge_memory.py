@@ -34,8 +34,9 @@ WORK = ROOT / ".bench" / "merge"
 HIDDEN, HEADS, INTER, VOCAB = 2048, 16, 5504, 32000  # 7B's proportions at half the width
 
 
-def make_base(out: Path, layers: int, vocab: str = "llama") -> Path:
-    """A random fp16 LLaMA written tensor by tensor (a real init of 1 B params would take minutes).
+def make_base(out: Path, layers: int, vocab: str = "llama", dtype: str = "float16", hidden: int = HIDDEN) -> Path:
+    """A random LLaMA (float16 or bfloat16) written tensor by tensor (a real init of 1 B params would take
+    minutes), 7B's proportions at width `hidden`.
 
     vocab: the tokenizer written beside it, 'llama' (32000 tokens) or 'alpaca' (49954).
     """
@@ -47,8 +48,9 @@ def make_base(out: Path, layers: int, vocab: str = "llama") -> Path:
 
     if (out / "config.json").is_file():
         return out
-    config = tiny_llama_config({"llama": VOCAB, "alpaca": 49954}[vocab], HIDDEN, layers, HEADS, INTER)
-    config.dtype = torch.float16
+    heads, inter = HEADS * hidden // HIDDEN, INTER * hidden // HIDDEN
+    config = tiny_llama_config({"llama": VOCAB, "alpaca": 49954}[vocab], hidden, layers, heads, inter)
+    config.dtype = torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
@@ -60,9 +62,9 @@ def make_base(out: Path, layers: int, vocab: str = "llama") -> Path:
         for i, name in enumerate(names):
             shape = shapes[name]
             if len(shape) == 1:
-                shard[name] = torch.ones(shape, dtype=torch.float16)
+                shard[name] = torch.ones(shape, dtype=torch_dtype)
             else:
-                shard[name] = (torch.randn(shape, generator=gen) * 0.02).half()
+                shard[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch_dtype)
             shard_bytes += shard[name].nbytes
             if shard_bytes > 500e6 or i == len(names) - 1:
                 n_files += 1

@@ -1,21 +1,21 @@
-"""Peak memory of LoRA training on a bf16 base vs a 4-bit one (quantization_bit=4), and the 7B table.
+"""Peak memory of LoRA training on an fp32 base vs a 4-bit one (quantization_bit=4), and the 7B table.
 
-    python bench/qlora_memory.py            # measured on the CPU at 16 x 2048, then the computed 7B table
+    python bench/qlora_memory.py            # measured on the CPU on two geometries, then the computed 7B table
     python bench/qlora_memory.py --table    # only the computed 7B table
 
-Measured: train_deepspeed.py in one process with deepspeed.json switched to bf16 (ZeRO-1, Adam
-offloaded as shipped), the same single batch for both runs, on a random fp16 LLaMA of hidden
-2048 x 16 layers (7B's proportions at half the width, the 49954-token Chinese-Alpaca
-vocabulary; made once under .bench/qlora/). Peak RSS is the child's, split at the end of model
-loading (`measure`, io_utils.run_measured_phases); a process that only imports the libraries
-gives the part that does not scale with the model. This parent never imports torch. The 7B table is
-arithmetic from the 7B geometry, printed with its assumptions.
+Measured: train_deepspeed.py in one process with deepspeed.json as shipped (ZeRO-1, Adam offloaded; on
+a CPU it trains in fp32, so the 4-bit base computes in fp32 and keeps embed_tokens and lm_head in fp32),
+one optimizer step on one MSRA row, on random LLaMAs stored in bf16 with the 49954-token Chinese-Alpaca
+vocabulary and 7B's proportions: hidden 2048 x 12 layers (0.82 B parameters) and 1536 x 8 (0.38 B),
+made once under .bench/qlora/. Peak RSS is the child's whole run (/proc VmHWM, sampled), also split where
+the model is built (io_utils.run_measured_phases) to show which phase sets it; a process that only
+imports the libraries gives the part that does not scale with the model. This parent never imports
+torch. The 7B table is arithmetic from the 7B geometry, printed with its assumptions.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,43 +30,33 @@ from llama_ner.io_utils import run_measured_phases  # noqa: E402
 
 WORK = ROOT / ".bench" / "qlora"
 GB = 1e9
+GEOMETRIES = [(2048, 12), (1536, 8)]  # (hidden, layers)
 
 
 def measure(cmd: list[str], marker: str = "trainable params:") -> tuple[float, float, float]:
-    """(peak RSS while loading, peak RSS while training, wall seconds) of one training process.
-
-    Loading reads the fp16 checkpoint through mmap, whose pages count as resident while mapped,
-    so its peak says little about training: io_utils.run_measured_phases splits the peak where
-    the child prints `marker` (the model is built).
-    """
-    # glibc keeps freed heap chunks (below its mmap threshold) for reuse: loading a 4-bit model frees
-    # every 16-bit projection after quantizing it, and ~0.7 GB of that would stay resident. With a
-    # fixed 4 MB threshold, big tensors are mmap'd and freed back to the system, so RSS follows them.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
-    code, wall, (load, train), output = run_measured_phases(cmd, marker, cwd=ROOT, env=env)
+    """(peak RSS while loading, peak RSS after the model is built, wall seconds) of one process, run as a
+    user runs it (no allocator settings from outside)."""
+    code, wall, (load, train), output = run_measured_phases(cmd, marker, cwd=ROOT)
     if code != 0 or marker not in output:
         raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{output[-3000:]}")
     return load / GB, train / GB, wall
 
 
-def inputs() -> tuple[Path, Path, Path]:
-    """(model dir, one training row, bf16 deepspeed.json), made once."""
-    base, rows, ds_path = WORK / "base-16x2048", WORK / "row.txt", WORK / "deepspeed_bf16.json"
+def inputs(hidden: int, layers: int) -> tuple[Path, Path]:
+    """(model dir, one training row), made once."""
+    base, rows = WORK / f"base-{layers}x{hidden}-bf16", WORK / "row.txt"
     if not (base / "config.json").is_file():
-        code = f"import merge_memory, pathlib; merge_memory.make_base(pathlib.Path({str(base)!r}), 16, 'alpaca')"
+        code = f"import merge_memory, pathlib; merge_memory.make_base(pathlib.Path({str(base)!r}), {layers}, "
+        code += f"'alpaca', 'bfloat16', {hidden})"
         subprocess.run([sys.executable, "-c", code], cwd=ROOT / "bench", check=True)
     rows.write_text((ROOT / "tests" / "data" / "msra_dev_instruct.txt").read_text("utf-8").splitlines()[0] + "\n")
-    ds = json.loads((ROOT / "deepspeed.json").read_text("utf-8"))
-    ds.pop("fp16", None)
-    ds["bf16"] = {"enabled": True}
-    ds_path.write_text(json.dumps(ds, indent=2))
-    return base, rows, ds_path
+    return base, rows
 
 
-def run_training(bits: int, base: Path, rows: Path, ds_path: Path) -> tuple[float, float, float]:
+def run_training(bits: int, base: Path, rows: Path) -> tuple[float, float, float]:
     cmd = [sys.executable, str(ROOT / "train_deepspeed.py"), f"model_dir={base}", f"train_path={rows}", "dev_path="]
     cmd += [f"save_dir={WORK / f'out-{bits}'}", "train_batch_size=1", "num_train_epochs=1", "save_steps=100000"]
-    cmd += [f"quantization_bit={bits}", f"deepspeed_json_path={ds_path}", "learning_rate=1e-4"]
+    cmd += [f"quantization_bit={bits}", "learning_rate=1e-4"]
     return measure(cmd)
 
 
@@ -119,23 +109,22 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only print the computed 7B table")
     cli = parser.parse_args()
     if not cli.table:
-        base, rows, ds_path = inputs()
-        results = {}
-        for bits in (0, 4):
-            results[bits] = run_training(bits, base, rows, ds_path)
-            load, train, wall = results[bits]
-            print(f"quantization_bit={bits}: peak RSS loading {load:.2f} GB, training {train:.2f} GB, {wall:.0f} s")
         libs = libraries_only()
-        size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB
         when = f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores"
-        print(f"\n{when}; base 16 x 2048 ({size:.2f} GB fp16), batch 1; libraries alone {libs:.2f} GB\n")
-        print("| base | peak RSS loading | peak RSS training | training minus libraries | vs bf16 | wall |")
-        print("|---|---|---|---|---|---|")
-        for bits, (load, train, wall) in results.items():
-            name = "bf16" if bits == 0 else "4-bit NF4"
-            ratio = (train - libs) / (results[0][1] - libs)
-            print(f"| {name} | {load:.2f} GB | {train:.2f} GB | {train - libs:.2f} GB | {ratio:.2f}x | {wall:.0f} s |")
-        print()
+        lines = ["| base | stored | run | peak RSS loading | peak RSS after | whole run | vs fp32 | wall |"]
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for hidden, layers in GEOMETRIES:
+            base, rows = inputs(hidden, layers)
+            size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / GB
+            results = {bits: run_training(bits, base, rows) for bits in (0, 4)}
+            for bits, (load, after, wall) in results.items():
+                name, whole = "fp32" if bits == 0 else "4-bit NF4", max(load, after)
+                ratio = whole / max(results[0][:2])
+                print(f"{layers} x {hidden} {name}: loading {load:.2f} GB, after {after:.2f} GB, {wall:.0f} s")
+                lines.append(f"| {layers} x {hidden} | {size:.2f} GB bf16 | {name} | {load:.2f} GB | {after:.2f} GB "
+                             f"| {whole:.2f} GB | {ratio:.2f}x | {wall:.0f} s |")  # fmt: skip
+        print(f"\n{when}; one step, batch 1; libraries alone {libs:.2f} GB\n")
+        print("\n".join(lines) + "\n")
     print(table_7b())
 
 
