@@ -60,6 +60,19 @@ def run_training(bits: int, base: Path, rows: Path) -> tuple[float, float, float
     return measure(cmd)
 
 
+def loading_4bit(base: Path) -> dict[str, float]:
+    """Peak RSS of loading the base in 4 bits (fp32 compute) alone: transformers' own from_pretrained, which
+    maps every shard until the last tensor is in, against model_loading.load_base (tensor by tensor)."""
+    plain = "from transformers import AutoModelForCausalLM; from llama_ner.model_loading import pretrained_kwargs; "
+    plain += f"AutoModelForCausalLM.from_pretrained({str(base)!r}, **pretrained_kwargs(4, torch.float32, 'cpu'))"
+    ours = f"from llama_ner.model_loading import load_base; load_base({str(base)!r}, 4, torch.float32, 'cpu')"
+    peaks = {}
+    for way, code in (("transformers' from_pretrained", plain), ("load_base", ours)):
+        _, peak, _ = measure([sys.executable, "-c", f"import torch; print('trainable params:'); {code}"])
+        peaks[way] = peak
+    return peaks
+
+
 def libraries_only() -> float:
     """Peak RSS of a process that only imports what training imports (no model): the part of
     each training peak that does not scale with the model."""
@@ -123,8 +136,13 @@ def main() -> None:
                 print(f"{layers} x {hidden} {name}: loading {load:.2f} GB, after {after:.2f} GB, {wall:.0f} s")
                 lines.append(f"| {layers} x {hidden} | {size:.2f} GB bf16 | {name} | {load:.2f} GB | {after:.2f} GB "
                              f"| {whole:.2f} GB | {ratio:.2f}x | {wall:.0f} s |")  # fmt: skip
+        loading = loading_4bit(inputs(*GEOMETRIES[0])[0])
         print(f"\n{when}; one step, batch 1; libraries alone {libs:.2f} GB\n")
         print("\n".join(lines) + "\n")
+        hidden, layers = GEOMETRIES[0]
+        for way, peak in loading.items():
+            print(f"loading {layers} x {hidden} in 4 bits alone, {way}: peak RSS {peak:.2f} GB")
+        print()
     print(table_7b())
 
 
