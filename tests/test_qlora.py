@@ -8,6 +8,7 @@ training runs share test_train.py's helpers and fixtures (DeepSpeed's ops build 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -70,31 +71,47 @@ def test_kbit_base_quantizes_the_projections_only_and_trains_the_lora(tiny_alpac
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
 
 
-def test_a_4bit_load_never_maps_the_checkpoint_and_gives_the_same_weights(tiny_alpaca, monkeypatch):
+NEVER_MAPPED = """
+import sys
+from pathlib import Path
+
+import bitsandbytes.functional
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_ner.model_loading import load_base, pretrained_kwargs
+
+base = sys.argv[1]
+files = [str(f.resolve()) for f in Path(base).glob("*.safetensors")]
+quantize, mapped = bitsandbytes.functional.quantize_4bit, []
+
+def watched(*args, **kwargs):
+    maps = Path("/proc/self/maps").read_text()
+    mapped.append(any(f in maps for f in files))
+    return quantize(*args, **kwargs)
+
+bitsandbytes.functional.quantize_4bit = watched
+model = load_base(base, 4, torch.float32, "cpu")
+ours, mapped = mapped, []  # then transformers' own way (safe_open put back), the check seeing its maps
+expected = AutoModelForCausalLM.from_pretrained(base, **pretrained_kwargs(4, torch.float32, "cpu")).state_dict()
+same = all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+print(f"quantized {len(ours)}, mapped while quantizing {sum(ours)}; transformers' way {sum(mapped)}; same {same}")
+"""
+
+
+def test_a_4bit_load_never_maps_the_checkpoint_and_gives_the_same_weights(tiny_alpaca):
     """transformers maps every shard until the last tensor is in: a 4-bit load reads tensor by tensor instead,
-    so when any weight is quantized no part of the 16/32-bit checkpoint is mapped into the process."""
-    import bitsandbytes.functional
-    from transformers import AutoModelForCausalLM
-
-    from llama_ner.model_loading import load_base, pretrained_kwargs
-
-    files = [str(f.resolve()) for f in Path(tiny_alpaca).glob("*.safetensors")]
-    quantize, mapped_while_quantizing = bitsandbytes.functional.quantize_4bit, []
-
-    def watched(*args, **kwargs):
-        maps = Path("/proc/self/maps").read_text()
-        mapped_while_quantizing.append(any(f in maps for f in files))
-        return quantize(*args, **kwargs)
-
-    monkeypatch.setattr(bitsandbytes.functional, "quantize_4bit", watched)
-    model = load_base(tiny_alpaca, 4, torch.float32, "cpu")
-    assert mapped_while_quantizing and not any(mapped_while_quantizing)
-    mapped_while_quantizing.clear()  # transformers' own way, and the check seeing it (safe_open put back)
-    mapped_load = AutoModelForCausalLM.from_pretrained(tiny_alpaca, **pretrained_kwargs(4, torch.float32, "cpu"))
-    assert any(mapped_while_quantizing)
-    expected = mapped_load.state_dict()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
+    so when any weight is quantized no part of the 16/32-bit checkpoint is mapped into the process (a fresh
+    one: models other tests loaded keep the same files mapped)."""
+    proc = subprocess.run([sys.executable, "-c", NEVER_MAPPED, str(tiny_alpaca)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = re.search(
+        r"quantized (\d+), mapped while quantizing (\d+); transformers' way (\d+); same (\w+)", proc.stdout
+    )
+    assert counts, proc.stdout
+    quantized, ours, theirs, same = counts.groups()
+    assert int(quantized) > 0 and ours == "0" and int(theirs) > 0 and same == "True"
 
 
 KBIT_CASES = ["bad bits", "zero3 on the command line", "zero3 in deepspeed.json", "no bitsandbytes"]
