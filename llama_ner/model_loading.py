@@ -204,9 +204,10 @@ def load_base(path: str | Path, bits: int, dtype: torch.dtype, device: str) -> t
 @contextlib.contextmanager
 def read_tensor_by_tensor() -> Iterator[None]:
     """transformers maps every safetensors shard and keeps the maps until the last tensor is loaded, so the
-    whole 16-bit checkpoint ends up resident beside the 4-bit model (0.82 B params: 1.6 GB of a 3.5 GB peak).
-    Here it reads each tensor with pread instead, and tensors of 4 MB and more are allocated with mmap, so
-    each 16/32-bit copy goes back to the system once it is quantized (glibc would keep ~0.7 GB of them)."""
+    whole 16-bit checkpoint ends up resident beside the 4-bit model (0.82 B params in bf16: a 3.7 GB loading
+    peak for a 1.1 GB model; BENCHMARKS.md). Here it reads each tensor with pread instead, and tensors of 4 MB
+    and more are allocated with mmap, so each 16/32-bit copy goes back to the system once it is quantized
+    (glibc would keep many of them on its heap)."""
     import transformers.modeling_utils as modeling_utils
 
     open_mapped = modeling_utils.safe_open
