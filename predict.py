@@ -57,10 +57,10 @@ def is_json_lines(lines: list[str]) -> bool:
         return False
 
 
-def read_rows(path: str, config: Any) -> list[dict[str, Any]]:
+def read_rows(path: str, config: Any, trained_instruction: str = "") -> list[dict[str, Any]]:
     """Rows to predict: the built-in examples, instruction JSON lines, or plain text lines (the examples and
-    plain lines get the instruction the model was trained with)."""
-    instruction = getattr(config, "ner_instruction", "") or NER_INSTRUCTION
+    plain lines get the instruction the model was trained with, the seed's when none was recorded)."""
+    instruction = trained_instruction or NER_INSTRUCTION
     if not path:
         names = {"instruct": config.instruct_column, "query": config.query_column, "answer": config.response_column}
         return [{names[k]: instruction if k == "instruct" else v for k, v in r.items()} for r in EXAMPLES]
@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     print_config(config)
     if config.output_path:  # checked before the model loads
         check_output_file(config.output_path, "output_path", [config.predict_path, config.train_args_path])
-    rows = read_rows(config.predict_path, config)
+    spec = spec_from_config(config)
+    rows = read_rows(config.predict_path, config, spec.instruction)
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
-    predictions, _ = engine_answer_rows(rows, config, spec_from_config(config))
+    predictions, _ = engine_answer_rows(rows, config, spec)
     if config.output_path:
         write_tagged(config.output_path, rows, predictions, config)
     else:

@@ -48,9 +48,8 @@ def write_outputs(out_dir: Path, records: list[dict[str, str]], metrics: dict[st
     atomic_write_text(errors_file, json.dumps(errors, ensure_ascii=False, indent=2) + "\n")
 
 
-def warn_other_instruction(rows: list[dict[str, Any]], config: Any) -> None:
-    """Rows asked with another instruction than the model learned (train_args.json's ner_instruction) score low."""
-    trained = getattr(config, "ner_instruction", "")
+def warn_other_instruction(rows: list[dict[str, Any]], config: Any, trained: str) -> None:
+    """Rows asked with another instruction than the model learned (the spec's, from train_args.json) score low."""
     other = sum(row[config.instruct_column] != trained for row in rows) if trained else 0
     if other:
         print(f"warning: {other} of {len(rows)} rows of {config.dev_path} have another instruction than the model "
@@ -70,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = load_data(config.dev_path, columns, config.response_column, (config.query_column,))
     if config.max_rows > 0:
         rows = rows[: config.max_rows]
-    warn_other_instruction(rows, config)
     spec = spec_from_config(config)
+    warn_other_instruction(rows, config, spec.instruction)
     start = time.perf_counter()
     predictions, constraint = engine_answer_rows(rows, config, spec)
     seconds = time.perf_counter() - start

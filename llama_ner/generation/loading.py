@@ -109,7 +109,7 @@ def adapter_train_args(lora_model: str | None) -> dict[str, Any]:
 
 def entity_types(given: str, train_path: str | None, column: str, trained: str) -> tuple[str, ...]:
     """--entity_types, else those the adapter was trained on (trained_entity_types, else its train_path's
-    answers), else MSRA's (ner_constraint.load_entity_types)."""
+    answers), else MSRA's (ner_constraint.load_entity_types, imported here: that module imports torch)."""
     from llama_ner.generation.ner_constraint import load_entity_types
 
     return load_entity_types(given, train_path, column, trained=trained)
