@@ -54,7 +54,7 @@ from llama_ner.training.model import (
     load_train_tokenizer,
     row_length,
 )
-from llama_ner.training.processes import init_distributed, is_main_process, rank, world_size
+from llama_ner.training.processes import init_distributed, is_main_process, leave_distributed, rank, world_size
 from llama_ner.training.time_budget import TimeBudget, budget_scheduler
 
 CHECKPOINT_DIR = "deepspeed_checkpoint"  # optimizer + LoRA state for resume, under save_dir
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_sum, count = sum_across_ranks([run_loss, run_batches], engine.device)
     final_dev_loss = dev_loss(engine, dev_loader) if dev_rows else None  # every rank takes part
     log(run_summary(global_step, seconds, loss_sum / max(count, 1), final_dev_loss, args.save_dir))
+    leave_distributed()
 
 
 if __name__ == "__main__":

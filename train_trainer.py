@@ -55,7 +55,7 @@ from llama_ner.training.model import (
     load_train_tokenizer,
     row_length,
 )
-from llama_ner.training.processes import init_distributed, is_main_process
+from llama_ner.training.processes import init_distributed, is_main_process, leave_distributed
 from llama_ner.training.time_budget import TimeBudget, budget_scheduler
 
 
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     final_dev_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
     if is_main_process():
         print(run_summary(result.global_step, seconds, result.training_loss, final_dev_loss, args.save_dir))
+    leave_distributed()
 
 
 if __name__ == "__main__":

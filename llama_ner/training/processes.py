@@ -89,3 +89,11 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def leave_distributed() -> None:
+    """Every rank done, the process group closed: one left open at exit tears gloo's threads down while they
+    run ('terminate called without an active exception', exit 250 from the launcher after a finished run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
