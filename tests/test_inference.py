@@ -91,6 +91,32 @@ def test_batch_16_equals_batch_1(memorized, memorized_model):
     assert batched[:12] == [r["answer"] for r in memorized["seen_rows"]]
 
 
+def test_continuous_batching_gives_generates_answers(memorized, memorized_model, monkeypatch):
+    """Batch 3 over 16 prompts whose answers end at different steps: finished answers leave the batch and
+    waiting prompts join it (continuous.py), and the answers are transformers' generate's, batch by batch,
+    with and without the constraint and the shared prefix's cache."""
+    from llama_ner.generation import continuous
+
+    joins = []
+    join = continuous.Running.join
+    monkeypatch.setattr(continuous.Running, "join", lambda self, other: joins.append(other.size) or join(self, other))
+    model, tokenizer = memorized_model
+    rows = memorized["seen_rows"] + memorized["unseen_rows"][:4]
+    prompts = [build_prompt(r["instruct"], r["query"]) for r in rows]
+    texts = [text_of_query(r["query"]) for r in rows]
+    for prefix_cache in (True, False):
+        for constrained in (False, True):
+            answers = {}
+            for way in (True, False):
+                constraint = NerConstraint(tokenizer, texts, ("人名", "地名", "机构名")) if constrained else None
+                answers[way] = generate_answers(model, tokenizer, prompts, 3, 64, progress=False, constraint=constraint,
+                                                prefix_cache=prefix_cache, continuous=way)  # fmt: skip
+            assert answers[True] == answers[False], (prefix_cache, constrained)
+            assert answers[True][:12] == [r["answer"] for r in memorized["seen_rows"]]
+    assert len(joins) >= 4 * 5  # prompts joined a running batch in every one of the four runs
+    assert len({len(a) for a in answers[True]}) > 3  # the answers did end at different steps
+
+
 # ---- constrained decoding (ner_constraint.py) ----------------------------------------------------
 
 

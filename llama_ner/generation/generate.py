@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from dataset import ALPACA, PromptFormat, fit_prompt
+from llama_ner.generation.continuous import greedy_continuous
 from llama_ner.io_utils import UserError
 
 
@@ -25,6 +26,7 @@ def generate_answers(
     constraint: Any = None,
     prompt_format: PromptFormat = ALPACA,
     prefix_cache: bool = True,
+    continuous: bool = True,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Continue each prompt (greedy unless gen_kwargs say otherwise) and return the new text.
@@ -36,7 +38,9 @@ def generate_answers(
     `processor(indices, prompt_width)` masks the logits of a batch, its `close(index, answer)`
     finishes an answer that max_new_tokens cut. With `prefix_cache`, the tokens all prompts start with
     are run once; each row is then prefix + padding + the rest of its prompt (the padding masked, the
-    positions counting real tokens only), the same attention as left padding.
+    positions counting real tokens only), the same attention as left padding. Greedy decoding (no gen_kwargs)
+    is `continuous` (continuous.py: a finished answer leaves the batch, a waiting prompt takes its place);
+    continuous=False, sampling and sliding-window models run transformers' generate batch by batch.
     """
     from tqdm import tqdm
     from transformers import LogitsProcessorList
@@ -51,6 +55,19 @@ def generate_answers(
     shared = shared_prefix_length(encoded) if prefix_cache and len(prompts) > 1 else 0
     prefix = prefix_kv(model, encoded[0][:shared], device) if shared >= MIN_PREFIX else None
     shared = shared if prefix is not None else 0
+    if continuous and not gen_kwargs and not getattr(model.config, "sliding_window", None):
+        grammar = (lambda i: constraint.seen_grammar(i, len(encoded[i]))) if constraint is not None else None
+        bar = tqdm(total=len(prompts), desc="generate", unit="answer", disable=not progress or len(prompts) < 2)
+        generated = greedy_continuous(
+            model, encoded, batch_size, max_new_tokens, tokenizer.eos_token_id, pad_id,
+            (lambda rows: batch_of(prefix, rows)) if prefix is not None else None, shared, grammar, bar,
+        )  # fmt: skip
+        bar.close()
+        for i, ids in enumerate(generated):
+            answers[i] = decode_new_tokens(tokenizer, ids)
+            if constraint is not None and tokenizer.eos_token_id not in ids:
+                answers[i] = constraint.close(i, answers[i])
+        return answers
     starts = range(0, len(order), max(1, batch_size))
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
         index = order[start : start + batch_size]

@@ -41,6 +41,7 @@ EVAL_DEFAULTS = {
     "dtype": "auto",  # auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32
     "device": "",  # cpu, cuda, cuda:N; '' or auto = cuda when available, else cpu
     "prefix_cache": True,  # run the prompt start every row shares once, reuse its KV cache (same answers)
+    "continuous_batching": True,  # a finished answer leaves the batch, the next prompt joins (same answers)
     "window_chars": "auto",  # longer texts are answered in windows of at most this many characters, merged;
     # auto: the longest text the model was trained on (train_args.json's trained_text_chars), 0: never split
     "constrained": True,  # answers only '没有' or distinct '实体_类型' lines with entities from the text
@@ -163,6 +164,7 @@ def answer_rows(
         answers = generate_answers(
             model, tokenizer, prompts, config.eval_batch_size, config.max_new_tokens, progress=progress,
             constraint=constraint, prompt_format=fmt, prefix_cache=getattr(config, "prefix_cache", True),
+            continuous=getattr(config, "continuous_batching", True),
         )  # fmt: skip
         return answers, constraint
 

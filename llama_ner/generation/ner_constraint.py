@@ -185,10 +185,12 @@ class NerConstraint:
         characters of its text: a longer text (cut to fit the model) is cut there too, so its
         grammar is built over what the model can have seen, not over the whole input.
         """
-        seen = prompt_width * self.vocab.longest
-        for i in indices:
-            self.texts[i] = self.texts[i][:seen]
-        return NerLogitsProcessor([self.grammar(i) for i in indices], prompt_width)
+        return NerLogitsProcessor([self.seen_grammar(i, prompt_width) for i in indices], prompt_width)
+
+    def seen_grammar(self, index: int, prompt_tokens: int) -> TextGrammar:
+        """The grammar of prompt `index` over the part of its text a prompt of prompt_tokens tokens can show."""
+        self.texts[index] = self.texts[index][: prompt_tokens * self.vocab.longest]
+        return self.grammar(index)
 
     def close(self, index: int, answer: str) -> str:
         """An answer cut by max_new_tokens: drop its unfinished last line (nothing left: `没有`)."""
