@@ -52,8 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_minutes", type=float, default=60, help="training time budget (validation not counted)")
     parser.add_argument("--rows", type=int, default=0, help="training rows sampled from the train set; 0: all of it")
     parser.add_argument("--none_share", type=float, default=0.1, help="at most this share of `没有` rows")
-    parser.add_argument("--sampling", default="types", choices=["types", "natural"],
-                        help="types: each type the same share of the mentions drawn; natural: as is")  # fmt: skip
+    parser.add_argument("--sampling", default="natural", choices=["natural", "types"],
+                        help="natural: the train set as is; types: each type an equal share of mentions")  # fmt: skip
     parser.add_argument("--val_rows", type=int, default=100, help="validation rows split off the train set")
     parser.add_argument("--save_steps", type=int, default=400, help="validate (and save) every N steps")
     parser.add_argument("--instruction", default="short", help="process.py --instruction: seed, short, or a text")
