@@ -5,8 +5,9 @@ today's levers, on the same rows of the official test set, with the answers comp
     python bench/eval_speed.py --rows 64 --variants old,default
 
 Each variant is the test.py command a user types (printed), run as a child process and timed (model
-loading included). `old` is the layout test.py used before the prefix cache (prefix_cache=false,
-eval_batch_size 16, fp32); `default` is today's test.py as it stands; the others change one setting.
+loading included). `old` is test.py's decoding before the prefix cache and continuous batching
+(prefix_cache=false, continuous_batching=false, eval_batch_size 16, fp32); `default` is today's test.py as it
+stands; the others change one or two settings.
 Prints a Markdown block for BENCHMARKS.md.
 """
 
