@@ -45,6 +45,7 @@ SEED_LR = 1e-5  # the seed's deepspeed.json
 A40_BF16_FLOPS = 149.7e12  # NVIDIA's dense bf16 peak for the A40
 PLOT_NAMES = {"人名": "persons", "地名": "locations", "机构名": "organizations"}  # matplotlib's font lacks CJK
 ASSUMED_MFU = 0.3  # a LoRA step at this size rarely beats 30% of peak
+LIST_NAMES = 10  # a row naming this many persons is a list of names (35 rows of MSRA's train set)
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,8 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=0, help="training rows sampled from the train set; 0: all of it")
     parser.add_argument("--none_share", type=float, default=0.1, help="at most this share of `没有` rows")
     parser.add_argument("--sampling", default="natural", choices=["natural", "types"],
-                        help="natural: the train set as is; types: each type an equal share of mentions")  # fmt: skip
+                        help="natural: the train set as is; types: rows weighted to favour rare types")  # fmt: skip
     parser.add_argument("--val_rows", type=int, default=100, help="validation rows split off the train set")
+    parser.add_argument("--val_lists", type=int, default=0, help="of them, lists of names (raise --val_max_new_tokens)")
     parser.add_argument("--save_steps", type=int, default=400, help="validate (and save) every N steps")
     parser.add_argument("--instruction", default="short", help="process.py --instruction: seed, short, or a text")
     parser.add_argument("--prompt_template", default="raw", choices=["alpaca", "chat", "raw"])
@@ -90,16 +92,20 @@ def msra_train_file() -> Path:
 
 
 def split_rows(
-    train_file: Path, rows: int, val_rows: int, none_share: float, sampling: str, out: Path
+    train_file: Path, rows: int, val_rows: int, none_share: float, sampling: str, out: Path, val_lists: int = 0
 ) -> tuple[Path, Path]:
     """(train, validation) files: validation is val_rows entity-bearing rows (as the test set's rows are),
-    the training rows come from the rest (`rows` of them, 0: as many as it holds) with at most none_share
-    answering `没有`; sampling `types` draws the entity rows by type_balanced, `natural` takes them as they are."""
+    val_lists of them lists of names (LIST_NAMES persons or more); the training rows come from the rest (`rows`
+    of them, 0: as many as it holds; no row whose text is a validation row's) with at most none_share answering
+    `没有`; sampling `types` draws the entity rows by type_balanced, `natural` takes them as they are."""
     lines = train_file.read_text(encoding="utf-8").splitlines()
     random.Random(0).shuffle(lines)
     with_entities = [line for line in lines if json.loads(line)["answer"] != "没有"]
     without = [line for line in lines if json.loads(line)["answer"] == "没有"]
-    validation, with_entities = with_entities[:val_rows], with_entities[val_rows:]
+    lists = [line for line in with_entities if json.loads(line)["answer"].count("_人名") >= LIST_NAMES][:val_lists]
+    validation = lists + [line for line in with_entities if line not in lists][: val_rows - len(lists)]
+    held = {json.loads(line)["query"] for line in validation}
+    with_entities = [line for line in with_entities if json.loads(line)["query"] not in held]
     rows = rows or int(len(with_entities) / (1 - none_share))
     n_none = min(int(rows * none_share), len(without))
     if sampling == "types":
@@ -114,8 +120,8 @@ def split_rows(
 
 def type_balanced(lines: list[str], n: int, rng: random.Random) -> list[str]:
     """n rows drawn with replacement, a row's weight the sum over its mentions of 1 / (its type's mentions in
-    `lines`): each type gets the same share of the drawn mentions (MSRA: persons 25% of mentions -> a third),
-    and a row rich in a rare type (a list of names) is drawn more often than a row with one place."""
+    `lines`): each type holds the same share of the weight, so a row of a rare type is drawn more often than a
+    row with one place, and a row with many (a list of names) in proportion to them."""
     kinds = [[entry.rpartition("_")[2] for entry in json.loads(line)["answer"].split("\n")] for line in lines]
     mentions = Counter(kind for row in kinds for kind in row)
     weights = [sum(1 / mentions[kind] for kind in row) for row in kinds]
@@ -226,7 +232,7 @@ def main() -> None:
                                         f"--mode={mode}", f"--instruction={cli.instruction}", "--loose_tags=true"],
                 out / f"process_{name}.log")  # fmt: skip
     train_file, validation_file = split_rows(
-        processed["train"], cli.rows, cli.val_rows, cli.none_share, cli.sampling, out
+        processed["train"], cli.rows, cli.val_rows, cli.none_share, cli.sampling, out, cli.val_lists
     )
     save_dir = out / "run"
     train_cmd = [py, "train_trainer.py", "data_name=real_model", f"model_dir={MODEL.relative_to(ROOT)}",
