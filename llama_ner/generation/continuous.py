@@ -86,8 +86,8 @@ class Running:
         logits = self.logits
         if self.grammars is not None:
             allowed = [g.allowed_ids(s) for g, s in zip(self.grammars, self.states, strict=True)]
-            rows = torch.from_numpy(np.repeat(np.arange(len(allowed)), [a.size for a in allowed]))
-            columns = torch.from_numpy(np.concatenate(allowed))
+            rows = torch.from_numpy(np.repeat(np.arange(len(allowed)), [a.size for a in allowed])).to(logits.device)
+            columns = torch.from_numpy(np.concatenate(allowed)).to(logits.device)
             masked = torch.full_like(logits, float("-inf"))
             masked[rows, columns] = logits[rows, columns]
             logits = masked
@@ -98,7 +98,8 @@ class Running:
 
     def step(self, model: torch.nn.Module, tokens: list[int], ended: list[int]) -> Running | None:
         """Drop the `ended` rows, then run the others' tokens through the model; None when no row is left."""
-        keep = [r for r in range(self.size) if r not in set(ended)]
+        gone = set(ended)
+        keep = [r for r in range(self.size) if r not in gone]
         if not keep:
             return None
         if ended:
