@@ -63,11 +63,7 @@ def generate_answers(
             (lambda rows: batch_of(prefix, rows)) if prefix is not None else None, shared, grammar, bar,
         )  # fmt: skip
         bar.close()
-        for i, ids in enumerate(generated):
-            answers[i] = decode_new_tokens(tokenizer, ids)
-            if constraint is not None and tokenizer.eos_token_id not in ids:
-                answers[i] = constraint.close(i, answers[i])
-        return answers
+        return [finished_answer(tokenizer, constraint, i, ids) for i, ids in enumerate(generated)]
     starts = range(0, len(order), max(1, batch_size))
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
         index = order[start : start + batch_size]
@@ -96,11 +92,16 @@ def generate_answers(
                 **settings,
             )
         for row, i in enumerate(index):
-            ids = output[row, width:].tolist()
-            answers[i] = decode_new_tokens(tokenizer, ids)
-            if constraint is not None and tokenizer.eos_token_id not in ids:
-                answers[i] = constraint.close(i, answers[i])
+            answers[i] = finished_answer(tokenizer, constraint, i, output[row, width:].tolist())
     return answers
+
+
+def finished_answer(tokenizer: Any, constraint: Any, index: int, ids: list[int]) -> str:
+    """Prompt `index`'s answer from its generated ids; one that max_new_tokens cut is closed by the constraint."""
+    answer = decode_new_tokens(tokenizer, ids)
+    if constraint is not None and tokenizer.eos_token_id not in ids:
+        return constraint.close(index, answer)
+    return answer
 
 
 MIN_PREFIX = 8  # a shorter shared prefix saves less than copying its cache costs

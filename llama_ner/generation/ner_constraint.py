@@ -159,12 +159,17 @@ class NerLogitsProcessor(LogitsProcessor):
         for column in input_ids[:, self.seen :].T.tolist():
             self.states = [g.step(s, t) for g, s, t in zip(self.grammars, self.states, column, strict=True)]
         self.seen = input_ids.shape[1]
-        allowed = [g.allowed_ids(s) for g, s in zip(self.grammars, self.states, strict=True)]
-        rows = torch.from_numpy(np.repeat(np.arange(len(allowed)), [a.size for a in allowed])).to(scores.device)
-        columns = torch.from_numpy(np.concatenate(allowed)).to(scores.device)
-        masked = torch.full_like(scores, float("-inf"))  # one pass over the logits; the allowed ones are few
-        masked[rows, columns] = scores[rows, columns]
-        return masked
+        return allowed_only(scores, self.grammars, self.states)
+
+
+def allowed_only(scores: torch.Tensor, grammars: Sequence[TextGrammar], states: Sequence[State]) -> torch.Tensor:
+    """scores [rows, vocab] with every token row r's grammar does not allow from states[r] set to -inf."""
+    allowed = [g.allowed_ids(s) for g, s in zip(grammars, states, strict=True)]
+    rows = torch.from_numpy(np.repeat(np.arange(len(allowed)), [a.size for a in allowed])).to(scores.device)
+    columns = torch.from_numpy(np.concatenate(allowed)).to(scores.device)
+    masked = torch.full_like(scores, float("-inf"))  # one pass over the logits; the allowed ones are few
+    masked[rows, columns] = scores[rows, columns]
+    return masked
 
 
 class NerConstraint:
