@@ -39,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dev_path", default=str(BENCH / "test_short.txt"))
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--max_new_tokens", type=int, default=512, help="bench/real_model.py's")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}; '': the finished share only")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, alternating; the fastest counts")
     parser.add_argument("--out", default=str(ROOT / ".bench" / "eval_speed"))
     return parser.parse_args()
@@ -51,6 +52,9 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown or not Path(cli.train_args).is_file():
         sys.exit(f"unknown variant {unknown[0]!r}" if unknown else f"{cli.train_args} missing: run make bench-real")
+    print(finished_share(cli.train_args, cli.dev_path, cli.rows, 16), flush=True)
+    if not names:
+        return
     out = Path(cli.out)
     results = {}
     for repeat in range(cli.repeats):  # alternating: this VM's speed drifts by up to 2x within minutes
@@ -83,6 +87,26 @@ def main() -> None:
         print(f"| {name} (`{' '.join(VARIANTS[name]) or 'as is'}`) | {seconds / 60:.1f} min | "
               f"{cli.rows / seconds:.2f} | {base[0] / seconds:.2f}x | {same}/{len(predictions)} | "
               f"{metrics['f1']:.3f} | {peak / 2**30:.1f} GB |")  # fmt: skip
+
+
+def finished_share(train_args: str, dev_path: str, rows: int, batch: int) -> str:
+    """How much of a batch-by-batch generate goes to answers already finished: the row-steps of batches of
+    `batch` prompts sorted by prompt length, each run to its longest answer, against the answers' own tokens
+    (the gold answers of the rows, + </s>: what a model that answers right generates)."""
+    from dataset import load_data
+    from llama_ner.tokenizer import load_tokenizer
+
+    trained = json.loads(Path(train_args).read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(ROOT / trained["model_dir"])
+    data = load_data(dev_path)[:rows]
+    prompt = [len(tokenizer.encode(r["instruct"] + r["query"])) for r in data]
+    answer = [len(tokenizer.encode(r["answer"], add_special_tokens=False)) + 1 for r in data]
+    order = sorted(range(len(data)), key=prompt.__getitem__)
+    batches = [order[i : i + batch] for i in range(0, len(order), batch)]
+    stepped = sum(len(b) * max(answer[i] for i in b) for b in batches)
+    share = 1 - sum(answer) / stepped
+    return (f"batches of {batch} sorted by prompt length, run to their longest gold answer: {stepped} row-steps "
+            f"for {sum(answer)} answer tokens, {share:.0%} of them on finished answers")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ def split_rows(
     with_entities = [line for line in lines if json.loads(line)["answer"] != "没有"]
     without = [line for line in lines if json.loads(line)["answer"] == "没有"]
     lists = [line for line in with_entities if json.loads(line)["answer"].count("_人名") >= LIST_NAMES][:val_lists]
+    if len(lists) < val_lists:
+        sys.exit(f"{train_file}: only {len(lists)} rows name {LIST_NAMES} or more persons: lower --val_lists")
     validation = lists + [line for line in with_entities if line not in lists][: val_rows - len(lists)]
     held = {json.loads(line)["query"] for line in validation}
     with_entities = [line for line in with_entities if json.loads(line)["query"] not in held]
@@ -217,6 +219,8 @@ def main() -> None:
     if cli.time_recipe:
         time_recipe(cli.time_recipe, out / "seed_rows.txt")
         return
+    if not 0 <= cli.val_lists <= cli.val_rows:
+        sys.exit(f"--val_lists {cli.val_lists}: give 0 to --val_rows ({cli.val_rows}) lists of names")
     if cli.train_minutes <= 0:
         sys.exit(f"--train_minutes {cli.train_minutes}: give a positive number of minutes, e.g. --train_minutes 60")
     if not MODEL.exists():
