@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataset import load_data, longest_text  # noqa: E402
+from dataset import QUERY_PREFIX, load_data, longest_text  # noqa: E402
 from llama_ner.io_utils import UserError, run_cli, run_measured  # noqa: E402
 
 MODEL = ROOT / "model_hub" / "smollm2-135m-instruct"
@@ -46,6 +46,9 @@ A40_BF16_FLOPS = 149.7e12  # NVIDIA's dense bf16 peak for the A40
 PLOT_NAMES = {"人名": "persons", "地名": "locations", "机构名": "organizations"}  # matplotlib's font lacks CJK
 ASSUMED_MFU = 0.3  # a LoRA step at this size rarely beats 30% of peak
 LIST_NAMES = 10  # a row naming this many persons is a list of names (35 rows of MSRA's train set)
+RUN_ON_CHARS = (40, 100)  # a run-on list's length: no longer than the train set's texts (103), so windows stay
+FEMALE_MARK, FEMALE_SHARE = "（女）", 0.1  # official lists mark women so
+RESERVED_NAMES = 0.1  # this share of the train set's person names builds only the validation's run-on lists
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,7 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampling", default="natural", choices=["natural", "types"],
                         help="natural: the train set as is; types: rows weighted to favour rare types")  # fmt: skip
     parser.add_argument("--val_rows", type=int, default=100, help="validation rows split off the train set")
-    parser.add_argument("--val_lists", type=int, default=0, help="of them, lists of names (raise --val_max_new_tokens)")
+    parser.add_argument("--val_lists", type=int, default=0, help="of them, the train set's lists of names")
+    parser.add_argument("--list_share", type=float, default=0.05,
+                        help="share of training rows added as run-on lists of the train set's names")  # fmt: skip
+    parser.add_argument("--val_run_on", type=int, default=5, help="of the validation rows, run-on lists")
     parser.add_argument("--save_steps", type=int, default=400, help="validate (and save) every N steps")
     parser.add_argument("--instruction", default="short", help="process.py --instruction: seed, short, or a text")
     parser.add_argument("--prompt_template", default="raw", choices=["alpaca", "chat", "raw"])
@@ -69,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval_rows", type=int, default=500, help="first rows of dev.txt that test.py scores; 0: none")
     parser.add_argument("--max_new_tokens", type=int, default=512,
                         help="test.py's limit: 100 characters of names answer ~370 tokens")  # fmt: skip
-    parser.add_argument("--val_max_new_tokens", type=int, default=96, help="the validation's while training")
+    parser.add_argument("--val_max_new_tokens", type=int, default=512, help="the validation's while training")
     parser.add_argument(
         "--evals",
         default="zero,tuned,free,old",
@@ -92,12 +98,22 @@ def msra_train_file() -> Path:
 
 
 def split_rows(
-    train_file: Path, rows: int, val_rows: int, none_share: float, sampling: str, out: Path, val_lists: int = 0
+    train_file: Path,
+    rows: int,
+    val_rows: int,
+    none_share: float,
+    sampling: str,
+    out: Path,
+    val_lists: int = 0,
+    list_share: float = 0.0,
+    val_run_on: int = 0,
 ) -> tuple[Path, Path]:
     """(train, validation) files: validation is val_rows entity-bearing rows (as the test set's rows are),
-    val_lists of them lists of names (LIST_NAMES persons or more); the training rows come from the rest (`rows`
-    of them, 0: as many as it holds; no row whose text is a validation row's) with at most none_share answering
-    `没有`; sampling `types` draws the entity rows by type_balanced, `natural` takes them as they are."""
+    val_lists of them lists of names (LIST_NAMES persons or more) and val_run_on run-on lists of reserved names
+    (run_on_lists); the training rows come from the rest (`rows` of them, 0: as many as it holds; no row whose
+    text is a validation row's) with at most none_share answering `没有`, plus list_share of that many run-on
+    lists of the other names; sampling `types` draws the entity rows by type_balanced, `natural` takes them as
+    they are."""
     lines = train_file.read_text(encoding="utf-8").splitlines()
     random.Random(0).shuffle(lines)
     with_entities = [line for line in lines if json.loads(line)["answer"] != "没有"]
@@ -105,7 +121,13 @@ def split_rows(
     lists = [line for line in with_entities if json.loads(line)["answer"].count("_人名") >= LIST_NAMES][:val_lists]
     if len(lists) < val_lists:
         raise UserError(f"{train_file}: only {len(lists)} rows name {LIST_NAMES} or more persons: lower --val_lists")
-    validation = lists + [line for line in with_entities if line not in lists][: val_rows - len(lists)]
+    names = person_names(with_entities)
+    random.Random(3).shuffle(names)
+    reserved, names = names[: int(len(names) * RESERVED_NAMES)], names[int(len(names) * RESERVED_NAMES) :]
+    instruct = json.loads(with_entities[0])["instruct"]
+    run_on = run_on_lists(reserved, val_run_on, random.Random(4), instruct) if val_run_on else []
+    others = [line for line in with_entities if line not in lists]
+    validation = lists + run_on + others[: val_rows - len(lists) - len(run_on)]
     held = {json.loads(line)["query"] for line in validation}
     with_entities = [line for line in with_entities if json.loads(line)["query"] not in held]
     rows = rows or int(len(with_entities) / (1 - none_share))
@@ -113,11 +135,42 @@ def split_rows(
     if sampling == "types":
         with_entities = type_balanced(with_entities, rows - n_none, random.Random(2))
     chosen = with_entities[: rows - n_none] + without[:n_none]
+    chosen += run_on_lists(names, int(len(chosen) * list_share), random.Random(5), instruct)
     random.Random(1).shuffle(chosen)
     paths = out / "train.txt", out / "validation.txt"
     for path, part in zip(paths, (chosen, validation), strict=True):
         path.write_text("\n".join(part) + "\n", encoding="utf-8")
     return paths
+
+
+def person_names(lines: list[str]) -> list[str]:
+    """The distinct person names the rows' answers hold, in order of first mention."""
+    names = {}
+    for line in lines:
+        for entry in json.loads(line)["answer"].split("\n"):
+            name, _, kind = entry.rpartition("_")
+            if kind == "人名" and 2 <= len(name) <= 8 and all(c == "·" or c.isalpha() for c in name):
+                names[name] = None
+    return list(names)
+
+
+def run_on_lists(names: list[str], n: int, rng: random.Random, instruct: str) -> list[str]:
+    """n rows written as official lists of names are (MSRA's test set holds one of 567): names drawn from
+    `names` run together with no separator, a tenth marked （女）, RUN_ON_CHARS characters at most; each name
+    answered once, in the order of the text. The train set has none: its 35 lists separate names by 、."""
+    rows = []
+    for _ in range(n):
+        limit, text, picked = rng.randint(*RUN_ON_CHARS), "", []
+        while True:
+            name = rng.choice(names)
+            piece = name + (FEMALE_MARK if rng.random() < FEMALE_SHARE else "")
+            if len(text) + len(piece) > limit:
+                break
+            if name not in picked and not any(name in other or other in name for other in picked):
+                text, picked = text + piece, [*picked, name]
+        row = {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": "\n".join(f"{n}_人名" for n in picked)}
+        rows.append(json.dumps(row, ensure_ascii=False))
+    return rows
 
 
 def type_balanced(lines: list[str], n: int, rng: random.Random) -> list[str]:
@@ -219,8 +272,11 @@ def main() -> None:
     if cli.time_recipe:
         time_recipe(cli.time_recipe, out / "seed_rows.txt")
         return
-    if not 0 <= cli.val_lists <= cli.val_rows:
-        raise UserError(f"--val_lists {cli.val_lists}: give 0 to --val_rows ({cli.val_rows}) lists of names")
+    if not 0 <= cli.val_lists + cli.val_run_on <= cli.val_rows or min(cli.val_lists, cli.val_run_on) < 0:
+        raise UserError(f"--val_lists {cli.val_lists} --val_run_on {cli.val_run_on}: give 0 to --val_rows "
+                        f"({cli.val_rows}) lists of names in all")  # fmt: skip
+    if not 0 <= cli.list_share < 1:
+        raise UserError(f"--list_share {cli.list_share}: give a share from 0 to below 1, e.g. 0.05")
     if cli.train_minutes <= 0:
         raise UserError(f"--train_minutes {cli.train_minutes}: give a positive number of minutes, e.g. 60")
     if not MODEL.exists():
@@ -236,8 +292,9 @@ def main() -> None:
                                         f"--mode={mode}", f"--instruction={cli.instruction}", "--loose_tags=true"],
                 out / f"process_{name}.log")  # fmt: skip
     train_file, validation_file = split_rows(
-        processed["train"], cli.rows, cli.val_rows, cli.none_share, cli.sampling, out, cli.val_lists
-    )
+        processed["train"], cli.rows, cli.val_rows, cli.none_share, cli.sampling, out, cli.val_lists,
+        cli.list_share, cli.val_run_on,
+    )  # fmt: skip
     save_dir = out / "run"
     train_cmd = [py, "train_trainer.py", "data_name=real_model", f"model_dir={MODEL.relative_to(ROOT)}",
                  f"prompt_template={cli.prompt_template}", f"train_path={train_file}", "dev_path=",
@@ -308,9 +365,10 @@ def report(cli, train_file, train_seconds, train_peak, train_log, validation_log
           f"projections, lr {cli.lr}, batch "
           f"{cli.batch}, group_by_length, bf16_autocast=auto; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads. Training pool {rows} rows ({cli.none_share:.0%} at most `没有`, "
-          f"sampling {cli.sampling}; "
+          f"sampling {cli.sampling}, {cli.list_share:.0%} run-on lists added; "
           f"types {dict(type_counts(train_file))}), validation {cli.val_rows} rows split off the train "
-          "set\n")  # fmt: skip
+          f"set ({cli.val_lists} of its lists, {cli.val_run_on} run-on lists of names no training list "
+          "holds)\n")  # fmt: skip
     per_row = tokens / rows
     print(f"training: {train_seconds / 60:.1f} min wall (process, validation included), {steps} steps = "
           f"{seen_rows} rows ({seen_rows / cli.train_minutes:.0f} rows per training minute), about "

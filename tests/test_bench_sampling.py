@@ -1,9 +1,12 @@
 """bench/real_model.py's split of the train set: the validation rows (lists of names among them when asked)
-are never trained on, not even as a duplicate; type-balanced sampling draws rows of a rare type more often."""
+are never trained on, not even as a duplicate; type-balanced sampling draws rows of a rare type more often;
+run-on lists answer every name they run together, the validation's from names no training list holds; bad
+arguments are one line and exit 2."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections import Counter
 
@@ -48,3 +51,40 @@ def test_validation_rows_are_never_trained_on_and_rare_types_are_drawn_more(tmp_
 def test_more_lists_than_the_train_set_holds_is_one_line(tmp_path):
     with pytest.raises(UserError, match="only 3 rows name 10 or more persons: lower --val_lists"):
         real_model.split_rows(rows_file(tmp_path), 1000, 10, 0.1, "natural", tmp_path, val_lists=4)
+
+
+def test_run_on_lists_answer_every_name_in_order_and_validation_names_are_never_trained_as_lists(tmp_path):
+    names = [chr(0x4E00 + k) + chr(0x4E00 + k + 1) + chr(0x4E00 + k + 2) for k in range(0, 600, 3)]
+    rows = [{"instruct": "i", "query": f"文本：{name}说", "answer": f"{name}_人名"} for name in names]
+    rows += [{"instruct": "i", "query": f"文本：无{i}", "answer": "没有"} for i in range(20)]
+    source = tmp_path / "rows.txt"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    train, validation = real_model.split_rows(source, 0, 10, 0.1, "natural", tmp_path, list_share=0.5, val_run_on=3)
+
+    def run_on(path):
+        return [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r["answer"].count("\n")]
+
+    trained, held = run_on(train), run_on(validation)
+    assert len(held) == 3 and len(trained) == int(0.5 * (193 + 20))  # half as many as the other training rows
+    for row in trained + held:
+        text = row["query"].removeprefix("文本：")
+        answered = [entry.removesuffix("_人名") for entry in row["answer"].split("\n")]
+        assert text.replace("（女）", "") == "".join(answered)  # every name, in the order of the text, once
+        assert len(set(answered)) == len(answered) and len(text) <= real_model.RUN_ON_CHARS[1]
+    listed = {entry for row in trained for entry in row["answer"].split("\n")}
+    assert not listed & {entry for row in held for entry in row["answer"].split("\n")}
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--train_minutes", "0"], "--train_minutes 0.0: give a positive number of minutes"),
+        (["--list_share", "1"], "--list_share 1.0: give a share from 0 to below 1"),
+        (["--val_rows", "8", "--val_run_on", "5", "--val_lists", "4"], "give 0 to --val_rows (8) lists of names"),
+    ],
+)
+def test_bad_bench_arguments_are_one_line_and_exit_2(args, says, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "real_model.py"), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.iterdir())
