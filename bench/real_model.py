@@ -6,8 +6,9 @@ the official test set (data/msra/instruct_data/dev.txt), which nothing here trai
     python bench/real_model.py --train_minutes 2 --val_rows 16 --eval_rows 16 --seed_rows 0   # a smoke run
 
 Every step is the command a user types (printed), run as a child process and timed: process.py with
---instruction (short by default) over the train set and the test set, train_trainer.py (train_minutes,
-eval_f1_rows on the validation split), then test.py zero-shot (--adapter_path=none), tuned, tuned with
+--instruction (short by default) over the train set and the test set, the split (validation rows off the
+train set, run-on lists of the train set's names added: --list_share, --val_run_on), train_trainer.py
+(train_minutes, eval_f1_rows on the validation split), then test.py zero-shot (--adapter_path=none), tuned, tuned with
 --constrained=false, and tuned with the limits of 2026-12-06's headline (96 new tokens, no windows: the
 test set's longest rows were cut), texts longer than the longest training text answered in windows
 (--evals picks). --eval_rows 0 skips the scoring, --seed_rows 0 the recipe timing, --skip_train scores
