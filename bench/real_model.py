@@ -50,6 +50,7 @@ LIST_NAMES = 10  # a row naming this many persons is a list of names (35 rows of
 RUN_ON_CHARS = (40, 100)  # a run-on list's length: no longer than the train set's texts (103), so windows stay
 FEMALE_MARK, FEMALE_SHARE = "（女）", 0.1  # official lists mark women so
 RESERVED_NAMES = 0.1  # this share of the train set's person names builds only the validation's run-on lists
+MAX_MISSES = 200  # draws in a row that add no name end a run-on list early
 
 
 def parse_args() -> argparse.Namespace:
@@ -159,16 +160,21 @@ def run_on_lists(names: list[str], n: int, rng: random.Random, instruct: str) ->
     """n rows written as official lists of names are (MSRA's test set holds one of 567): names drawn from
     `names` run together with no separator, a tenth marked （女）, RUN_ON_CHARS characters at most; each name
     answered once, in the order of the text. The train set has none: its 35 lists separate names by 、."""
+    if n and not names:
+        raise UserError("too few person names in the train set to build run-on lists from (a tenth of them build "
+                        "the validation's): give --list_share 0 --val_run_on 0")  # fmt: skip
     rows = []
     for _ in range(n):
-        limit, text, picked = rng.randint(*RUN_ON_CHARS), "", []
-        while True:
+        limit, text, picked, misses = rng.randint(*RUN_ON_CHARS), "", [], 0
+        while misses < MAX_MISSES:  # a few names can all be picked before the row is full
             name = rng.choice(names)
             piece = name + (FEMALE_MARK if rng.random() < FEMALE_SHARE else "")
             if len(text) + len(piece) > limit:
                 break
             if name not in picked and not any(name in other or other in name for other in picked):
-                text, picked = text + piece, [*picked, name]
+                text, picked, misses = text + piece, [*picked, name], 0
+            else:
+                misses += 1
         row = {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": "\n".join(f"{n}_人名" for n in picked)}
         rows.append(json.dumps(row, ensure_ascii=False))
     return rows

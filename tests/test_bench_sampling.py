@@ -6,6 +6,7 @@ arguments are one line and exit 2."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -88,3 +89,10 @@ def test_bad_bench_arguments_are_one_line_and_exit_2(args, says, tmp_path):
                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_few_names_end_a_run_on_list_early_and_no_names_is_one_line():
+    rows = [json.loads(r) for r in real_model.run_on_lists(["张三", "李四"], 3, random.Random(0), "i")]
+    assert [sorted(r["answer"].split("\n")) for r in rows] == [["张三_人名", "李四_人名"]] * 3  # does not hang
+    with pytest.raises(UserError, match="too few person names .* give --list_share 0 --val_run_on 0"):
+        real_model.run_on_lists([], 1, random.Random(0), "i")
