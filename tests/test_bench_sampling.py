@@ -17,6 +17,7 @@ from conftest import ROOT
 from llama_ner.io_utils import UserError
 
 sys.path.insert(0, str(ROOT / "bench"))
+import list_split  # noqa: E402
 import real_model  # noqa: E402
 
 
@@ -74,6 +75,9 @@ def test_run_on_lists_answer_every_name_in_order_and_validation_names_are_never_
         assert len(set(answered)) == len(answered) and len(text) <= real_model.RUN_ON_CHARS[1]
     listed = {entry for row in trained for entry in row["answer"].split("\n")}
     assert not listed & {entry for row in held for entry in row["answer"].split("\n")}
+    lists, mentions, persons = list_split.run_on_mentions(train)  # what bench/list_split.py --train prints
+    assert (lists, persons) == (len(trained), 193 + mentions)  # 193 sentences name one person each
+    assert mentions == sum(r["answer"].count("\n") + 1 for r in trained)
 
 
 @pytest.mark.parametrize(
