@@ -57,12 +57,12 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="test.py --output_dir folders (each has test_predictions.jsonl)")
     parser.add_argument("--train", help="a training file whose run-on lists to count")
     cli = parser.parse_args()
-    print("| run | rows | P | R | F1 | 人名 | 地名 | 机构名 |\n|---|---|---|---|---|---|---|---|")
-    for run in map(Path, cli.runs):
-        path = run / "test_predictions.jsonl"
+    for path in (Path(run) / "test_predictions.jsonl" for run in cli.runs):
         if not path.is_file():
             sys.exit(f"{path}: missing: give a folder test.py wrote (its --output_dir)")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    print("| run | rows | P | R | F1 | 人名 | 地名 | 机构名 |\n|---|---|---|---|---|---|---|---|")
+    for run in map(Path, cli.runs):
+        rows = [json.loads(line) for line in (run / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
         print(split_line(f"{run}: lists of names", [r for r in rows if is_list(r["answer"])]))
         print(split_line(f"{run}: the other rows", [r for r in rows if not is_list(r["answer"])]))
     if cli.train:
