@@ -56,14 +56,14 @@ def vocab_of(tokenizer: Any) -> Vocab:
 
 
 class State:
-    """Where one answer is: the current line's bytes, where they occur in the text, the lines done."""
+    """Where one answer is: the current line's bytes, where they occur in the text, the entities answered."""
 
     __slots__ = ("line", "occ", "done", "lead", "finished")
 
     def __init__(self, line=b"", occ=None, done=frozenset(), lead=True, finished=False) -> None:
         self.line: bytes = line
         self.occ: list[int] | None = occ  # text positions where `line` occurs as an entity start; None: line empty
-        self.done: frozenset[tuple[bytes, bytes]] = done  # (entity, type) of the finished lines
+        self.done: frozenset[bytes] = done  # the entities of the finished lines: one type each, none again
         self.lead: bool = lead  # the answer's first byte may still be sentencepiece's space
         self.finished: bool = finished  # </s> was generated
 
@@ -142,32 +142,25 @@ class TextGrammar:
             at = hay.find(entity, at + 1)
         return False
 
-    def fully_used(self, done: frozenset) -> set[bytes]:
-        """Entities already given with every type: they cannot start another line."""
-        counts: dict[bytes, int] = {}
-        for entity, _ in done:
-            counts[entity] = counts.get(entity, 0) + 1
-        return {e for e, c in counts.items() if c == len(self.types)}
-
-    def complete_pair(self, line: bytes, done: frozenset) -> tuple[bytes, bytes] | None:
-        """(entity, type) when `line` is a finished new line, else None."""
+    def finished_entity(self, line: bytes, done: frozenset) -> bytes | None:
+        """The entity when `line` is a finished line of an entity not answered yet, else None."""
         entity, sep, kind = line.rpartition(b"_")
-        if sep and kind in self.types and (entity, kind) not in done and self.entity_ok(entity):
-            return entity, kind
+        if sep and kind in self.types and entity not in done and self.entity_ok(entity):
+            return entity
         return None
 
     def can_end(self, st: State) -> bool:
         """May </s> come now?"""
-        return (not st.done and st.line == NOTHING) or self.complete_pair(st.line, st.done) is not None
+        return (not st.done and st.line == NOTHING) or self.finished_entity(st.line, st.done) is not None
 
     def extends(self, st: State) -> bool:
-        """Can the line grow into an entity (not used with every type yet)?"""
-        full = self.fully_used(st.done)
+        """Can the line grow into an entity not answered yet?"""
+        done = st.done
         size, hay, n = len(st.line), self.hay, len(self.hay)
         for p in self.starts if st.occ is None else st.occ:
             e = self.next_end[p + size]
             while e >= 0:
-                if e > p and (not full or hay[p:e] not in full):
+                if e > p and hay[p:e] not in done:
                     return True
                 if e == n or hay[e] == 0x0A:
                     break
@@ -180,7 +173,7 @@ class TextGrammar:
         if not st.done and NOTHING.startswith(line):
             return True
         entity, sep, part = line.rpartition(b"_")
-        if sep and any(t.startswith(part) and (entity, t) not in st.done for t in self.types):
+        if sep and entity not in st.done and any(t.startswith(part) for t in self.types):
             if self.entity_ok(entity):
                 return True
         return (st.occ is None or bool(st.occ)) and self.extends(st)
@@ -194,10 +187,10 @@ class TextGrammar:
                 continue
             lead = False
             if c == 0x0A:
-                pair = self.complete_pair(line, done)
-                if pair is None:
+                entity = self.finished_entity(line, done)
+                if entity is None:
                     return None
-                line, occ, done = b"", None, done | {pair}
+                line, occ, done = b"", None, done | {entity}
                 continue
             line += bytes((c,))
             at = len(line) - 1
@@ -218,6 +211,16 @@ class TextGrammar:
             raise RuntimeError(f"token {token} ({data!r}) was generated but the NER constraint forbids it")
         return new
 
+    def toward_done(self, st: State) -> set[int]:
+        """Tokens after which the line is the start of an answered entity: the only ones that the answered
+        entities can turn into a dead end (a line that starts none of them grows into an unanswered entity)."""
+        ids = set()
+        for entity in st.done:
+            if entity.startswith(st.line):
+                rest = entity[len(st.line) :]
+                ids.update(i for k in range(1, len(rest) + 1) for i in self.vocab.by_bytes.get(rest[:k], ()))
+        return ids
+
     def allowed_ids(self, st: State) -> np.ndarray:
         """Every token that keeps `st` on the way to an allowed answer."""
         vocab = self.vocab
@@ -228,8 +231,10 @@ class TextGrammar:
         else:
             fast = [self.cont[p + len(st.line)] for p in st.occ]
         ids = np.concatenate(fast) if fast else np.zeros(0, dtype=np.int64)
-        if ids.size and self.fully_used(st.done):  # rare: filter one by one
-            ids = np.array([i for i in np.unique(ids) if self.advance(st, vocab.token_bytes[i])], dtype=np.int64)
+        risky = self.toward_done(st) if ids.size else set()
+        if risky:  # a token that may leave the line on answered entities only: checked one by one
+            dead = [i for i in risky if self.advance(st, vocab.token_bytes[i]) is None]
+            ids = np.setdiff1d(ids, np.array(dead, dtype=np.int64)) if dead else ids
         candidates = list(self.sep_ids)
         if not st.done and NOTHING.startswith(st.line):
             candidates += vocab.nothing
