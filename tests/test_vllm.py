@@ -148,7 +148,7 @@ def test_ner_answers_equal_the_hf_engine(served, model, hf_reference, constraine
 
 
 def test_a_grammar_alone_repeats_lines_and_the_check_restores_the_hf_answer(served, model, hf_reference):
-    """The structured-outputs grammar cannot forbid an entity answered twice; the token-by-token check must catch it."""
+    """The structured-outputs grammar cannot forbid a repeated line; the token-by-token check must catch it."""
     from llama_ner.generation.inference import ner_prompt
     from llama_ner.generation.ner_constraint import NerConstraint, gbnf
     from llama_ner.generation.vllm_client import VllmClient, allowed_prefix, prompt_ids

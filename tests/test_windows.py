@@ -63,12 +63,3 @@ def test_sentences_merge_to_the_union_of_their_answers(tmp_path):
     assert parse_entities(merged) == union and len(merged.split("\n")) == len(union)
     assert merge_answers(text, windows, ["没有"] * 3) == "没有"
     assert json.dumps(merged, ensure_ascii=False).count("阿英") == 1
-
-
-def test_an_entity_two_windows_type_differently_keeps_the_first_windows_type():
-    """The constraint allows one type an entity within an answer; the merged answer keeps that rule."""
-    text = "他在北京市读书。" * 3
-    windows = split_windows(text, 10)
-    assert len(windows) == 3
-    answers = ["北京市_地名", "北京市_机构名\n他_人名", "北京市_人名"]
-    assert merge_answers(text, windows, answers).split("\n") == ["北京市_地名", "他_人名"]  # by first occurrence

@@ -247,8 +247,8 @@ def vllm_answer_rows(
         if constraint is not None:
             checks = client.checks
             print(f"vLLM: {checks['answers_corrected']} of {checks['constrained_answers']} constrained answers went "
-                  "past the grammar (an entity answered twice) and were finished token by token "
-                  f"({checks['tokens_corrected']} tokens)")  # fmt: skip
+                  f"past the grammar (a repeated line) and were finished token by token ({checks['tokens_corrected']} "
+                  "tokens)")  # fmt: skip
     finally:
         if server is not None:
             server.stop()

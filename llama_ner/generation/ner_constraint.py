@@ -1,4 +1,4 @@
-"""Constrained decoding of NER answers: `没有`, or `实体_类型` lines grounded in the text, one type per entity.
+"""Constrained decoding of NER answers: `没有`, or distinct `实体_类型` lines grounded in the text.
 
     constraint = NerConstraint(tokenizer, texts, ("人名", "地名", "机构名"))   # texts[i]: prompt i's text
     answers = generate_answers(model, tokenizer, prompts, constraint=constraint)
@@ -10,9 +10,7 @@ a `<0xNN>` piece is one byte, so byte-fallback pieces work like any other):
     ANSWER = " "? ( "没有" | LINE ( "\\n" LINE )* ) </s>        LINE = ENTITY "_" TYPE
 
 ENTITY is a non-empty substring of the text that neither starts nor ends with whitespace and
-holds no line break; TYPE is one of the entity types; no ENTITY twice (one type each: greedy answers
-otherwise loop over the types of one fragment, and MSRA's train set gives an entity two types in one
-sentence in 11 of 29,432 rows). The optional space is the
+holds no line break; TYPE is one of the entity types; no LINE twice. The optional space is the
 one sentencepiece puts before the first word (training encodes answers that way); decoding
 strips it. The type is what follows the last `_` of a line (as metrics.py reads it), so an
 entity may contain `_` when the text does.
@@ -27,8 +25,8 @@ handful of separator and type pieces, are looked at. If max_new_tokens ends an a
 middle of a line, `NerConstraint.close` drops that unfinished line (no line left: `没有`).
 
 Why a LogitsProcessor of our own and not xgrammar, outlines or lm-format-enforcer: each row
-has its own language ("a substring of this text"), a grammar of workable size cannot forbid an
-entity answered twice, and none of them was installed or measured here (docs/constrained_decoding.md).
+has its own language ("a substring of this text"), a grammar of workable size cannot forbid a
+repeated line, and none of them was installed or measured here (docs/constrained_decoding.md).
 """
 
 from __future__ import annotations
@@ -222,8 +220,8 @@ def gbnf_literal(text: str) -> str:
 
 
 def gbnf(text: str, types: Sequence[str] = ENTITY_TYPES, max_lines: int = 0) -> str:
-    """The same answers as a GBNF grammar for llama.cpp, for one text. GBNF cannot forbid an
-    entity answered twice; `max_lines` (0: no limit) bounds the number of lines instead."""
+    """The same answers as a GBNF grammar for llama.cpp, for one text. GBNF cannot forbid a
+    repeated line; `max_lines` (0: no limit) bounds the number of lines instead."""
     types = check_types(types, "entity types")
     chars = list(text)
     breaks = [c in LINE_BREAKS for c in chars]

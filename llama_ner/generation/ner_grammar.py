@@ -56,14 +56,14 @@ def vocab_of(tokenizer: Any) -> Vocab:
 
 
 class State:
-    """Where one answer is: the current line's bytes, where they occur in the text, the entities answered."""
+    """Where one answer is: the current line's bytes, where they occur in the text, the lines done."""
 
     __slots__ = ("line", "occ", "done", "lead", "finished")
 
     def __init__(self, line=b"", occ=None, done=frozenset(), lead=True, finished=False) -> None:
         self.line: bytes = line
         self.occ: list[int] | None = occ  # text positions where `line` occurs as an entity start; None: line empty
-        self.done: frozenset[bytes] = done  # the entities of the finished lines: one type each, none again
+        self.done: frozenset[tuple[bytes, bytes]] = done  # (entity, type) of the finished lines
         self.lead: bool = lead  # the answer's first byte may still be sentencepiece's space
         self.finished: bool = finished  # </s> was generated
 
@@ -142,25 +142,32 @@ class TextGrammar:
             at = hay.find(entity, at + 1)
         return False
 
-    def finished_entity(self, line: bytes, done: frozenset) -> bytes | None:
-        """The entity when `line` is a finished line of an entity not answered yet, else None."""
+    def fully_used(self, done: frozenset) -> set[bytes]:
+        """Entities already given with every type: they cannot start another line."""
+        counts: dict[bytes, int] = {}
+        for entity, _ in done:
+            counts[entity] = counts.get(entity, 0) + 1
+        return {e for e, c in counts.items() if c == len(self.types)}
+
+    def complete_pair(self, line: bytes, done: frozenset) -> tuple[bytes, bytes] | None:
+        """(entity, type) when `line` is a finished new line, else None."""
         entity, sep, kind = line.rpartition(b"_")
-        if sep and kind in self.types and entity not in done and self.entity_ok(entity):
-            return entity
+        if sep and kind in self.types and (entity, kind) not in done and self.entity_ok(entity):
+            return entity, kind
         return None
 
     def can_end(self, st: State) -> bool:
         """May </s> come now?"""
-        return (not st.done and st.line == NOTHING) or self.finished_entity(st.line, st.done) is not None
+        return (not st.done and st.line == NOTHING) or self.complete_pair(st.line, st.done) is not None
 
     def extends(self, st: State) -> bool:
-        """Can the line grow into an entity not answered yet?"""
-        done = st.done
+        """Can the line grow into an entity (not used with every type yet)?"""
+        full = self.fully_used(st.done)
         size, hay, n = len(st.line), self.hay, len(self.hay)
         for p in self.starts if st.occ is None else st.occ:
             e = self.next_end[p + size]
             while e >= 0:
-                if e > p and hay[p:e] not in done:
+                if e > p and (not full or hay[p:e] not in full):
                     return True
                 if e == n or hay[e] == 0x0A:
                     break
@@ -173,7 +180,7 @@ class TextGrammar:
         if not st.done and NOTHING.startswith(line):
             return True
         entity, sep, part = line.rpartition(b"_")
-        if sep and entity not in st.done and any(t.startswith(part) for t in self.types):
+        if sep and any(t.startswith(part) and (entity, t) not in st.done for t in self.types):
             if self.entity_ok(entity):
                 return True
         return (st.occ is None or bool(st.occ)) and self.extends(st)
@@ -187,10 +194,10 @@ class TextGrammar:
                 continue
             lead = False
             if c == 0x0A:
-                entity = self.finished_entity(line, done)
-                if entity is None:
+                pair = self.complete_pair(line, done)
+                if pair is None:
                     return None
-                line, occ, done = b"", None, done | {entity}
+                line, occ, done = b"", None, done | {pair}
                 continue
             line += bytes((c,))
             at = len(line) - 1
@@ -211,16 +218,6 @@ class TextGrammar:
             raise RuntimeError(f"token {token} ({data!r}) was generated but the NER constraint forbids it")
         return new
 
-    def toward_done(self, st: State) -> set[int]:
-        """Tokens after which the line is the start of an answered entity: the only ones that the answered
-        entities can turn into a dead end (a line that starts none of them grows into an unanswered entity)."""
-        ids = set()
-        for entity in st.done:
-            if entity.startswith(st.line):
-                rest = entity[len(st.line) :]
-                ids.update(i for k in range(1, len(rest) + 1) for i in self.vocab.by_bytes.get(rest[:k], ()))
-        return ids
-
     def allowed_ids(self, st: State) -> np.ndarray:
         """Every token that keeps `st` on the way to an allowed answer."""
         vocab = self.vocab
@@ -231,10 +228,8 @@ class TextGrammar:
         else:
             fast = [self.cont[p + len(st.line)] for p in st.occ]
         ids = np.concatenate(fast) if fast else np.zeros(0, dtype=np.int64)
-        risky = self.toward_done(st) if ids.size else set()
-        if risky:  # a token that may leave the line on answered entities only: checked one by one
-            dead = [i for i in risky if self.advance(st, vocab.token_bytes[i]) is None]
-            ids = np.setdiff1d(ids, np.array(dead, dtype=np.int64)) if dead else ids
+        if ids.size and self.fully_used(st.done):  # rare: filter one by one
+            ids = np.array([i for i in np.unique(ids) if self.advance(st, vocab.token_bytes[i])], dtype=np.int64)
         candidates = list(self.sep_ids)
         if not st.done and NOTHING.startswith(st.line):
             candidates += vocab.nothing

@@ -7,7 +7,7 @@ from, answers decoded from the ids vLLM returns, NER answers constrained and che
 A constrained NER answer goes to vLLM with its language as a structured-outputs grammar (the GBNF of
 ner_constraint.gbnf, for xgrammar), or (grammar=False) as a plain greedy request. Either way the answer is
 then walked token by token through the same `TextGrammar` the transformers engine masks with (a grammar
-cannot forbid an entity answered twice): at the first token that engine would not have allowed, vLLM is asked for
+cannot forbid a repeated line): at the first token that engine would not have allowed, vLLM is asked for
 one token with `allowed_token_ids` set to what that engine allows there, then (grammar=False) for plain
 greedy tokens again, checked the same way, and so on. Where the model's own best token is allowed, the
 masked choice is that token, so greedy answers are those of `inference.ner_answers` (fp32) both ways;

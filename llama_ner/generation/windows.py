@@ -66,10 +66,9 @@ def last_boundary(text: str, start: int, end: int) -> int:
 
 
 def merge_answers(text: str, windows: list[Window], answers: list[str]) -> str:
-    """One answer for `text` from its windows' answers: the `实体_类型` lines in the order the entities first
-    occur, each kept by the window whose share it starts in, one type for each entity (the first window's,
-    as the constraint allows within one answer); `没有` when none is left. A line whose entity is not in its
-    window (unconstrained answers) is kept as it was answered."""
+    """One answer for `text` from its windows' answers: the distinct `实体_类型` lines in the order the
+    entities first occur, each kept by the window whose share it starts in; `没有` when none is left.
+    A line whose entity is not in its window (unconstrained answers) is kept as it was answered."""
     if len(windows) == 1:
         return answers[0]
     found: dict[tuple[str, str], int] = {}  # each kept line -> where its entity first occurs in text
@@ -83,10 +82,8 @@ def merge_answers(text: str, windows: list[Window], answers: list[str]) -> str:
             if kept or not where:
                 first = min(kept or [window.keep_start])
                 found[pair] = min(found.get(pair, first), first)
-    typed: dict[str, str] = {}  # sorted() is stable: of an entity's types, the first window's comes first
-    for (entity, kind), _ in sorted(found.items(), key=lambda item: item[1]):
-        typed.setdefault(entity, kind)
-    return "\n".join(f"{entity}_{kind}" for entity, kind in typed.items()) or NO_ENTITY
+    lines = [f"{entity}_{kind}" for (entity, kind), _ in sorted(found.items(), key=lambda item: item[1])]
+    return "\n".join(lines) or NO_ENTITY
 
 
 def answer_in_windows(texts: list[str], limit: int, answer: Callable[[list[tuple[int, str]]], list[str]]) -> list[str]:
