@@ -89,8 +89,8 @@ def run(cmd: list[str], timeout: int = 600) -> str:
     return out
 
 
-def deepspeed_cmd(script: str, n: int = 2) -> list[str]:
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), script]
+def deepspeed_cmd(script: str, n: int = 2, port: int = 0) -> list[str]:
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(port or free_port()), script]
 
 
 # ----------------------------------------------------------------------------- adapter checks
@@ -343,8 +343,11 @@ def test_deepspeed_two_ranks_zero3_memorizes_12_rows(ops_ready, tiny128, rows12,
     """deepspeed --num_gpus 2, ZeRO-3 (partitioned parameters): the gathered adapter reproduces the answers."""
     save_dir = tmp_path / "run"
     argv = hard_train_argv(tiny128, rows12, save_dir, train_batch_size=2, zero_stage=3)  # 70 epochs, 3 steps each
-    out = run([*deepspeed_cmd("train_deepspeed.py"), *argv, f"deepspeed_json_path={DS_JSON}"])
+    port = free_port()
+    out = run([*deepspeed_cmd("train_deepspeed.py", port=port), *argv, f"deepspeed_json_path={DS_JSON}"])
     assert "step 210/210" in out and "done: 210 steps" in out
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's CPU allreduce
+    assert not left, f"{left}: 66 MB of RAM each, left behind by the run"
     adapter = save_dir / "adapter_model"
     check_adapter(adapter, tiny128)
     logits_change(tiny128, adapter)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,19 @@ def init_distributed(timeout_s: float = TRAIN_DEFAULTS["ddp_timeout"]) -> None:
         )
     except RuntimeError as err:  # torch's store and gloo/NCCL connection errors and timeouts
         raise UserError(join_error(err, timeout_s)) from None
+    remove_shm_buffer()
+
+
+def remove_shm_buffer() -> None:
+    """DeepSpeed's CPU allreduce maps a 66 MB /dev/shm file per rank when all ranks share a machine
+    (LOCAL_SIZE) and never removes it: every `deepspeed --num_gpus N` run left N of them in RAM until reboot.
+    Once every rank has mapped its peers' files (the barrier), each removes its own; the mappings live on."""
+    if "LOCAL_SIZE" not in os.environ or not torch.distributed.is_initialized():
+        return
+    barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}"  # deepspeed's shm.cpp names it so
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def join_error(err: Exception, timeout_s: float) -> str:
