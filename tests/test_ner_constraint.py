@@ -235,6 +235,15 @@ def test_close_drops_the_unfinished_line(tokenizer):
     assert constraint.close(0, "北京_地名") == "北京_地名"
 
 
+def test_finish_keeps_one_type_an_entity_the_first(tokenizer):
+    """Greedy answers loop over the types of one fragment; the answer returned keeps the first line's type."""
+    constraint = NerConstraint(tokenizer, [TEXTS[0]], MSRA_TYPES)
+    answer = "北京_地名\n北京_机构名\n京_人名\n北京_人名"
+    assert constraint.finish(0, answer, cut=False) == "北京_地名\n京_人名"
+    assert constraint.finish(0, answer + "\n京_地", cut=True) == "北京_地名\n京_人名"  # closed first
+    assert constraint.finish(0, "北京_地", cut=True) == constraint.finish(0, "没有", cut=False) == "没有"
+
+
 def test_entity_types(tmp_path, capsys):
     data = tmp_path / "train.txt"
     rows = [{"instruct": "x", "answer": "阿司匹林_药物\n头痛_症状"}, {"instruct": "y", "answer": "没有"}]

@@ -97,10 +97,11 @@ def generate_answers(
 
 
 def finished_answer(tokenizer: Any, constraint: Any, index: int, ids: list[int]) -> str:
-    """Prompt `index`'s answer from its generated ids; one that max_new_tokens cut is closed by the constraint."""
+    """Prompt `index`'s answer from its generated ids, finished by the constraint (closed if cut, one type an
+    entity)."""
     answer = decode_new_tokens(tokenizer, ids)
-    if constraint is not None and tokenizer.eos_token_id not in ids:
-        return constraint.close(index, answer)
+    if constraint is not None:
+        return constraint.finish(index, answer, tokenizer.eos_token_id not in ids)
     return answer
 
 

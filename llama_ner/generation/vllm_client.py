@@ -153,7 +153,7 @@ class VllmClient:
                 more, state = allowed_prefix(grammar, more, state)
                 kept += more
         answer = decode_answer(self.tokenizer, kept)
-        return answer if eos in kept else constraint.close(i, answer)
+        return constraint.finish(i, answer, eos not in kept)
 
 
 def allowed_prefix(grammar: TextGrammar, ids: Sequence[int], state: State | None = None) -> tuple[list[int], State]:
