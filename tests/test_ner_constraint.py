@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from dataset import build_prompt, ner_row, prompt_format
-from llama_ner.generation.generate import decode_new_tokens
+from llama_ner.generation.generate import decode_new_tokens, finished_answer
 from llama_ner.generation.metrics import parse_answer
 from llama_ner.generation.ner_constraint import NerConstraint, gbnf, load_entity_types, main
 from llama_ner.generation.ner_grammar import State, TextGrammar, vocab_of
@@ -242,6 +242,9 @@ def test_finish_keeps_one_type_an_entity_the_first(tokenizer):
     assert constraint.finish(0, answer, cut=False) == "北京_地名\n京_人名"
     assert constraint.finish(0, answer + "\n京_地", cut=True) == "北京_地名\n京_人名"  # closed first
     assert constraint.finish(0, "北京_地", cut=True) == constraint.finish(0, "没有", cut=False) == "没有"
+    # what both decoding loops return (generate.finished_answer): the ids of a looping answer and </s>
+    ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert finished_answer(tokenizer, constraint, 0, ids) == "北京_地名\n京_人名"
 
 
 def test_entity_types(tmp_path, capsys):

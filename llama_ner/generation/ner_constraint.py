@@ -40,7 +40,7 @@ from typing import Any
 
 from config_utils import answer_help_first
 from dataset import NO_ENTITY, QUERY_PREFIX, build_prompt, load_data, ner_row, prompt_format
-from llama_ner.generation.metrics import ENTITY_TYPES, parse_line
+from llama_ner.generation.metrics import ENTITY_TYPES, ordered_pairs, parse_line
 from llama_ner.io_utils import UserError, atomic_write_text, check_output_file, run_cli
 
 
@@ -201,14 +201,10 @@ class NerConstraint:
         """The answer as returned: closed when max_new_tokens cut it, then one type an entity (its first line's):
         greedy answers loop over the types of one fragment (`卢嘉_地名`, `卢嘉_机构名`); dropping the later lines
         raised validation F1 0.507 -> 0.532, forbidding them in the grammar lowered it (BENCHMARKS.md)."""
-        answer = self.close(index, answer) if cut else answer
-        if answer == NO_ENTITY:
-            return answer
         typed: dict[str, str] = {}
-        for line in answer.split("\n"):
-            entity, _, kind = line.rpartition("_")
+        for entity, kind in ordered_pairs(self.close(index, answer) if cut else answer):
             typed.setdefault(entity, kind)
-        return "\n".join(f"{entity}_{kind}" for entity, kind in typed.items())
+        return "\n".join(f"{entity}_{kind}" for entity, kind in typed.items()) or NO_ENTITY
 
     def close(self, index: int, answer: str) -> str:
         """An answer cut by max_new_tokens: drop its unfinished last line (nothing left: `没有`)."""
